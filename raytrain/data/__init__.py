@@ -1,0 +1,1 @@
+"""Data curation: read, extract, normalize, filter, dedup, split, tokenize, pack."""

@@ -1,0 +1,95 @@
+"""Tokenizer training (byte-level BPE via `tokenizers`) and tokenize + pack as a Ray Data UDF."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+
+# ChatML, the format the chat special tokens above exist for; stored with the tokenizer so
+# `apply_chat_template` works on every exported model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir: str | Path) -> Path:
+    """Train a byte-level BPE on `texts`; save `tokenizer.json` and the transformers files in `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(str(out))
+    log.info("trained a byte-level BPE with %d tokens", tok.get_vocab_size())
+    return out
+
+
+class TokenizePack:
+    """Ray Data UDF: documents in, fixed-length token sequences out.
+
+    Documents are joined with an end-of-text separator and cut into `seq_len` windows. The last
+    window of a batch is padded and carries `num_tokens < seq_len`, so no token is dropped and
+    training masks the padding out of the loss.
+    """
+
+    def __init__(self, tokenizer_json: str, seq_len: int) -> None:
+        from tokenizers import Tokenizer
+
+        # The serialized tokenizer travels with the task: no shared filesystem needed on workers.
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.eos = self.tok.token_to_id(EOS)
+        self.pad = self.tok.token_to_id(PAD)
+        self.seq_len = seq_len
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        texts = [str(t) for t in batch["text"]]
+        encs = self.tok.encode_batch(texts, add_special_tokens=False)
+        flat: list[int] = []
+        for enc in encs:
+            flat.extend(enc.ids)
+            flat.append(self.eos)
+        ids = np.asarray(flat, dtype=np.int32)
+        n_full, rem = divmod(len(ids), self.seq_len)
+        rows = n_full + (1 if rem else 0)
+        out = np.full((rows, self.seq_len), self.pad, dtype=np.int32)  # (rows, seq_len)
+        out.reshape(-1)[: len(ids)] = ids
+        num_tokens = np.full(rows, self.seq_len, dtype=np.int32)
+        if rem:
+            num_tokens[-1] = rem
+        return {"input_ids": out, "num_tokens": num_tokens, "num_docs": _docs_per_row(len(texts), rows)}
+
+
+def _docs_per_row(n_docs: int, rows: int) -> np.ndarray:
+    # Document counts are attributed to the first row of the batch so that sums stay exact.
+    counts = np.zeros(rows, dtype=np.int32)
+    if rows:
+        counts[0] = n_docs
+    return counts

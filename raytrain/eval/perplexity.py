@@ -1,0 +1,92 @@
+"""Perplexity of an exported model on a held-out split, computed where the data lives (Ray Data)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from raytrain import storage
+from raytrain.config.schema import JobSpec
+from raytrain.errors import StageInputError
+
+log = logging.getLogger(__name__)
+
+
+class NegLogLikelihood:
+    """Ray Data UDF: packed sequences -> summed token negative log-likelihood and token count.
+
+    With `untrained=True` it scores a freshly initialised model of the same config: the baseline
+    a trained model must beat.
+    """
+
+    def __init__(self, model_dir: str, untrained: bool = False, seed: int = 0) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.set_grad_enabled(False)
+        with storage.local_dir(model_dir) as d:
+            if untrained:
+                torch.manual_seed(seed)
+                self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(d)))
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(str(d), torch_dtype=torch.float32)
+        self.model.eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        ids = torch.as_tensor(np.stack(batch["input_ids"]), dtype=torch.long)  # (batch, seq)
+        n = torch.as_tensor(batch["num_tokens"], dtype=torch.long)
+        mask = torch.arange(ids.shape[1])[None, :] < n[:, None]  # (batch, seq)
+        logits = self.model(input_ids=ids, attention_mask=mask.long()).logits  # (batch, seq, vocab)
+        targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # (batch, seq-1)
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
+        return {"nll": nll.sum(dim=1).numpy().astype(np.float64), "tokens": (targets != -100).sum(dim=1).numpy()}
+
+
+def perplexity(ds: Any, model_dir: str, batch_size: int, untrained: bool = False, seed: int = 0) -> dict[str, float]:
+    scored = ds.map_batches(NegLogLikelihood, fn_constructor_args=(model_dir, untrained, seed),
+                            batch_size=batch_size, batch_format="numpy", concurrency=1)
+    sums = scored.sum(["nll", "tokens"])
+    nll, tokens = float(sums["sum(nll)"]), int(sums["sum(tokens)"])
+    return {"perplexity": math.exp(nll / tokens) if tokens else float("nan"), "nll_per_token": nll / max(tokens, 1),
+            "tokens": tokens}
+
+
+def default_model_dir(spec: JobSpec) -> str:
+    return storage.Layout(spec.storage.root).model(spec.model.name, spec.run_name)
+
+
+def run_eval(spec: JobSpec, model_dir: str | None = None) -> dict[str, Any]:
+    """Measure perplexity on the held-out split; write eval.json next to the model."""
+    import ray.data
+
+    t0 = time.time()
+    layout = storage.Layout(spec.storage.root)
+    model_dir = model_dir or spec.serve.model_path or default_model_dir(spec)
+    if not storage.exists(storage.join(model_dir, "config.json")):
+        raise StageInputError(f"no exported model at {model_dir}: run the pretrain stage first")
+    split_dir = storage.join(layout.dataset(spec.data.name), spec.eval.split)
+    ds = ray.data.read_parquet(split_dir).select_columns(["input_ids", "num_tokens"])
+    if spec.eval.max_sequences:
+        ds = ds.limit(spec.eval.max_sequences)
+    result: dict[str, Any] = {
+        "model_dir": model_dir,
+        "dataset": spec.data.name,
+        "split": spec.eval.split,
+        **perplexity(ds, model_dir, spec.eval.batch_size),
+    }
+    if spec.eval.compare_untrained:
+        base = perplexity(ds, model_dir, spec.eval.batch_size, untrained=True, seed=spec.train.seed)
+        result["untrained_perplexity"] = base["perplexity"]
+        result["beats_untrained"] = result["perplexity"] < base["perplexity"]
+    result["seconds"] = round(time.time() - t0, 1)
+    storage.write_json(storage.join(model_dir, "eval.json"), result)
+    log.info("perplexity on %s: %.2f (untrained: %s)", spec.eval.split, result["perplexity"],
+             f"{result.get('untrained_perplexity', float('nan')):.2f}")
+    return result

@@ -1,0 +1,1 @@
+"""Model presets (transformers Llama family)."""

@@ -1,0 +1,1 @@
+"""Distributed pretraining: Ray Train + DeepSpeed."""

@@ -1,0 +1,64 @@
+"""What a training stage supplies to the shared per-worker loop: its model, its batches, its loss.
+
+Pretraining is `CausalLMTask`. Post-training stages (SFT, reward model, DPO, PPO/GRPO) implement the
+same protocol with their own models, batches and losses, and reuse the loop's DeepSpeed engine,
+checkpointing, metrics and fault tolerance unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+class TrainTask(Protocol):
+    def build_model(self) -> torch.nn.Module:
+        """The trainable module, identically initialised on every rank."""
+        ...
+
+    def batches(self, shard: Any, micro_batch_size: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for one epoch; every rank must yield the same number."""
+        ...
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(scalar loss to backpropagate, tokens that contributed to it)."""
+        ...
+
+
+class CausalLMTask:
+    """Next-token prediction on packed sequences with padding masked out of the loss."""
+
+    def __init__(self, model_config: dict[str, Any], seed: int, init_from: str | None = None) -> None:
+        self.model_config = model_config
+        self.seed = seed
+        self.init_from = init_from
+
+    def build_model(self) -> torch.nn.Module:
+        import torch
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(self.seed)
+        if self.init_from:
+            from raytrain.storage import local_dir
+
+            with local_dir(self.init_from) as path:
+                return AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(LlamaConfig(**self.model_config))
+
+    def batches(self, shard: Any, micro_batch_size: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        import torch
+
+        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True,
+                                              dtypes={"input_ids": torch.long, "num_tokens": torch.long}):
+            ids = batch["input_ids"]  # (batch, seq)
+            mask = torch.arange(ids.shape[1])[None, :] < batch["num_tokens"][:, None]  # (batch, seq)
+            yield {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100)}
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        out = model(**batch)
+        # Labels are shifted inside the model: the first position of each row predicts nothing.
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        return out.loss, tokens

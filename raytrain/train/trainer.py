@@ -1,0 +1,134 @@
+"""The pretrain stage (driver side): packed shards -> TorchTrainer -> exported Hugging Face model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from raytrain import __version__, storage
+from raytrain.config.loader import dump_spec
+from raytrain.config.schema import JobSpec
+from raytrain.errors import StageInputError
+
+log = logging.getLogger(__name__)
+
+
+def load_manifest(spec: JobSpec) -> dict[str, Any]:
+    path = storage.join(storage.Layout(spec.storage.root).dataset(spec.data.name), "manifest.json")
+    if not storage.exists(path):
+        raise StageInputError(f"no dataset manifest at {path}: run the data stage first (raytrain data --config …)")
+    return storage.read_json(path)
+
+
+def model_config_for(spec: JobSpec, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The transformers config the run trains: a preset sized to the tokenizer, or `init_from`'s."""
+    from tokenizers import Tokenizer
+
+    from raytrain.data.tokenizer import EOS, PAD
+    from raytrain.models.presets import build_config
+
+    if spec.model.init_from:
+        from transformers import AutoConfig
+
+        with storage.local_dir(spec.model.init_from) as d:
+            return AutoConfig.from_pretrained(str(d)).to_dict()
+    tok = Tokenizer.from_str(storage.read_bytes(storage.join(manifest["tokenizer"]["path"], "tokenizer.json")).decode())
+    cfg = build_config(
+        spec.model.preset,
+        vocab_size=tok.get_vocab_size(),
+        max_position_embeddings=manifest["seq_len"],
+        bos_token_id=tok.token_to_id(EOS),
+        eos_token_id=tok.token_to_id(EOS),
+        pad_token_id=tok.token_to_id(PAD),
+    )
+    return cfg.to_dict()
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_pretrain(spec: JobSpec) -> dict[str, Any]:
+    """Train, then export models/<model.name>/<run_name>/. Returns the final metrics and paths."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raytrain.train.worker import HF_DIR, train_loop_per_worker
+
+    t0 = time.time()
+    layout = storage.Layout(spec.storage.root)
+    manifest = load_manifest(spec)
+    model_config = model_config_for(spec, manifest)
+    train_path = storage.join(layout.dataset(spec.data.name), "train")
+    n_train = manifest["splits"]["train"]["sequences"]
+    need = spec.train.num_workers * spec.train.micro_batch_size
+    if n_train < need:
+        raise StageInputError(f"train split has {n_train} sequences; num_workers x micro_batch_size needs {need}")
+
+    t = spec.train
+    resources = {"GPU": 1, "CPU": 1} if t.use_gpu else {"CPU": 1}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": t.model_dump(mode="json"),
+            "model_config": model_config,
+            "init_from": spec.model.init_from,
+        },
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=spec.run_name,
+            storage_path=layout.runs(),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets={"train": ray.data.read_parquet(train_path)},
+    )
+    log.info("pretraining %s (%s preset) on %d workers, ZeRO-%d, %d steps", spec.model.name, spec.model.preset,
+             t.num_workers, t.zero_stage, t.max_steps)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
+
+    model_dir = layout.model(spec.model.name, spec.run_name)
+    with result.checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        shutil.copytree(Path(ckpt) / HF_DIR, out)
+        with storage.local_dir(manifest["tokenizer"]["path"]) as tok_dir:
+            for f in Path(tok_dir).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, out / f.name)
+        lineage = {
+            "model": spec.model.name,
+            "version": spec.run_name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "raytrain_version": __version__,
+            "git_revision": _git_revision(),
+            "dataset": {"name": spec.data.name, "manifest_sha256": _manifest_sha(spec)},
+            "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+            "checkpoint": result.checkpoint.path,
+            "metrics": result.metrics,
+            "spec": spec.model_dump(mode="json"),
+        }
+        (out / "lineage.json").write_text(json.dumps(lineage, indent=2, default=str))
+        (out / "spec.yaml").write_text(dump_spec(spec))
+        storage.upload_dir(out, model_dir)
+    log.info("exported %s in %.0fs (final loss %.4f)", model_dir, time.time() - t0, result.metrics.get("loss", -1))
+    return {"model_dir": model_dir, "metrics": result.metrics, "checkpoint": result.checkpoint.path}
+
+
+def _manifest_sha(spec: JobSpec) -> str:
+    path = storage.join(storage.Layout(spec.storage.root).dataset(spec.data.name), "manifest.json")
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
