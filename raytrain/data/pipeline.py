@@ -9,6 +9,7 @@ than the cluster's memory passes through, and each step re-reads instead of re-c
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -39,43 +40,40 @@ ANNOTATED_SCHEMA = pa.schema(
         ("line", pa.int64()),
         ("hash", pa.string()),
         ("raw", pa.large_binary()),
+        ("split", pa.string()),
     ]
 )
 
 
-class Annotate:
+def annotate_batch(batch: pa.Table, spec_json: dict[str, Any], kind: str) -> pa.Table:
     """Ray Data UDF: raw rows (JSONL bytes or Parquet records) -> one annotated row each."""
+    from raytrain.config.schema import DataSpec
 
-    def __init__(self, spec_json: dict[str, Any], kind: str) -> None:
-        from raytrain.config.schema import DataSpec
-
-        self.spec = DataSpec.model_validate(spec_json)
-        self.kind = kind
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        src = self.spec.source
-        out: dict[str, list[Any]] = {c: [] for c in docs.COLUMNS}
-        if self.kind == "jsonl":
-            rows = zip(batch.column("raw").to_pylist(), batch.column("source").to_pylist(),
-                       batch.column("line").to_pylist(), strict=True)
-            items = ((raw, source, line, *docs.parse_jsonl_line(raw, self.spec.filters.max_doc_bytes))
-                     for raw, source, line in rows)
-        else:
-            paths = batch.column("path").to_pylist() if "path" in batch.column_names else ["?"] * batch.num_rows
-            records = batch.drop_columns([c for c in ("path",) if c in batch.column_names]).to_pylist()
-            items = ((b"", p, -1, rec, "") for rec, p in zip(records, paths, strict=True))
-        for raw, source, line, record, error in items:
-            if record is not None and not raw:
-                raw = repr(record).encode("utf-8", errors="replace")
-            a = docs.annotate(
-                record, error, raw=raw, source=source, line=line,
-                text_field=src.text_field, id_field=src.id_field, url_field=src.url_field,
-                filters=self.spec.filters, extract=self.spec.extract_html,
-                quarantine_sample_bytes=self.spec.quarantine_sample_bytes,
-            )
-            for c in docs.COLUMNS:
-                out[c].append(getattr(a, c))
-        return pa.table(out, schema=ANNOTATED_SCHEMA)
+    spec = DataSpec.model_validate(spec_json)
+    src = spec.source
+    out: dict[str, list[Any]] = {c: [] for c in docs.COLUMNS}
+    if kind == "jsonl":
+        rows = zip(batch.column("raw").to_pylist(), batch.column("source").to_pylist(),
+                   batch.column("line").to_pylist(), strict=True)
+        items = ((raw, source, line, *docs.parse_jsonl_line(raw, spec.filters.max_doc_bytes))
+                 for raw, source, line in rows)
+    else:
+        paths = batch.column("path").to_pylist() if "path" in batch.column_names else ["?"] * batch.num_rows
+        records = batch.drop_columns([c for c in ("path",) if c in batch.column_names]).to_pylist()
+        items = ((b"", p, -1, rec, "") for rec, p in zip(records, paths, strict=True))
+    for raw, source, line, record, error in items:
+        if record is not None and not raw:
+            raw = repr(record).encode("utf-8", errors="replace")
+        a = docs.annotate(
+            record, error, raw=raw, source=source, line=line,
+            text_field=src.text_field, id_field=src.id_field, url_field=src.url_field,
+            filters=spec.filters, extract=spec.extract_html,
+            quarantine_sample_bytes=spec.quarantine_sample_bytes,
+        )
+        for c in docs.COLUMNS:
+            out[c].append(getattr(a, c))
+    out["split"] = [""] * len(out["doc_id"])  # set for kept documents after dedup
+    return pa.table(out, schema=ANNOTATED_SCHEMA)
 
 
 def mark_exact_duplicates(group: pa.Table) -> pa.Table:
@@ -93,7 +91,8 @@ def mark_exact_duplicates(group: pa.Table) -> pa.Table:
 
 def add_split(batch: pa.Table, val: float, test: float, salt: str) -> pa.Table:
     keys = batch.column("hash").to_pylist()
-    return batch.append_column("split", pa.array([docs.split_of(k, val, test, salt) for k in keys], pa.string()))
+    split = pa.array([docs.split_of(k, val, test, salt) for k in keys], pa.string())
+    return batch.set_column(batch.schema.get_field_index("split"), "split", split)
 
 
 def _input_paths(spec: JobSpec, layout: storage.Layout) -> list[str]:
@@ -137,8 +136,62 @@ def _file_entries(path: str) -> list[dict[str, Any]]:
     return entries
 
 
+def _move_partition(parent: str, partition: str, dest: str) -> None:
+    """Move the files of a Hive partition dir (e.g. `status=removed`) into `dest`, then drop it."""
+    import pyarrow.fs as pafs
+
+    fs, p = storage.filesystem(storage.join(parent, partition))
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return
+    _, d = storage.filesystem(dest)
+    fs.create_dir(d, recursive=True)
+    for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        if info.type == pafs.FileType.File:
+            fs.move(info.path, d + "/" + info.path[len(p):].lstrip("/").replace("/", "_"))
+    fs.delete_dir(p)
+
+
+def summarize_block(batch: pa.Table, status: str, body: str, per_reason: int = 3) -> pa.Table:
+    """Partial accounting of one block: (status, reason, count, a few samples) per reason.
+
+    A map, not a shuffle: the driver merges the few rows per block that come back.
+    """
+    reasons = batch.column("reason").to_pylist()
+    ids = batch.column("doc_id").to_pylist()
+    bodies = batch.column(body).to_pylist()
+    counts: dict[str, int] = defaultdict(int)
+    samples: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for reason, doc_id, b in zip(reasons, ids, bodies, strict=True):
+        counts[reason] += 1
+        if len(samples[reason]) < per_reason:
+            samples[reason].append({"doc_id": doc_id, "snippet": _snippet(b or "")})
+    keys = sorted(counts)
+    return pa.table({"status": [status] * len(keys), "reason": keys, "count": [counts[k] for k in keys],
+                     "samples": [json.dumps(samples[k]) for k in keys]})
+
+
+def split_sums(batch: pa.Table) -> pa.Table:
+    """Partial per-split sums of one block of packed sequences (merged on the driver)."""
+    names = [p.rstrip("/").rsplit("/", 2)[-2] for p in batch.column("path").to_pylist()]
+    tokens = batch.column("num_tokens").to_pylist()
+    ndocs = batch.column("num_docs").to_pylist()
+    acc: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for name, t, n in zip(names, tokens, ndocs, strict=True):
+        a = acc[name]
+        a[0] += 1
+        a[1] += t
+        a[2] += n
+    keys = sorted(acc)
+    return pa.table({"split": keys, "sequences": [acc[k][0] for k in keys], "tokens": [acc[k][1] for k in keys],
+                     "documents": [acc[k][2] for k in keys]})
+
+
 def run_data(spec: JobSpec) -> dict[str, Any]:
-    """Run the data stage; returns the manifest (also written to datasets/<name>/manifest.json)."""
+    """Run the data stage; returns the manifest (also written to datasets/<name>/manifest.json).
+
+    Six streaming passes, each ending in files on the storage root: annotate, dedup + split,
+    accounting, tokenizer sample, tokenize + pack, split statistics.
+    """
     import ray.data
 
     from raytrain.data.tokenizer import TokenizePack, train_tokenizer
@@ -153,44 +206,46 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
     paths = _input_paths(spec, layout)
     log.info("data stage: reading %s", paths)
 
+    # 1. Annotate every row (kept / removed / quarantined), partitioned by status.
     raw, kind = _read_raw(spec, paths)
-    annotated = raw.map_batches(Annotate, fn_constructor_args=(d.model_dump(mode="json"), kind),
-                                batch_format="pyarrow", batch_size=256, concurrency=(1, 64))
-    annotated.write_parquet(storage.join(stage, "annotated"))
-    annotated = ray.data.read_parquet(storage.join(stage, "annotated"))
+    annotated = raw.map_batches(annotate_batch, fn_args=(d.model_dump(mode="json"), kind),
+                                batch_format="pyarrow", batch_size=256)
+    annotated.write_parquet(storage.join(stage, "annotated"), partition_cols=["status"])
+    _move_partition(storage.join(stage, "annotated"), "status=removed", storage.join(out, "removed"))
+    _move_partition(storage.join(stage, "annotated"), "status=quarantined", storage.join(out, "quarantine"))
 
-    kept = annotated.filter(expr="status == 'kept'")
+    # 2. Exact dedup (a distributed shuffle on the text hash) and the stable split.
+    kept = ray.data.read_parquet(storage.join(stage, "annotated", "status=kept"))
+    kept = kept.map_batches(_with_status, fn_args=(docs.KEPT,), batch_format="pyarrow")
     if d.exact_dedup:
-        kept = kept.groupby("hash").map_groups(mark_exact_duplicates, batch_format="pyarrow")
+        kept = kept.groupby("hash", num_partitions=_shuffle_partitions()).map_groups(
+            mark_exact_duplicates, batch_format="pyarrow")
     kept = kept.map_batches(add_split, fn_args=(d.split.val_fraction, d.split.test_fraction, d.split.salt),
                             batch_format="pyarrow")
-    kept.write_parquet(storage.join(stage, "curated"))
-    curated = ray.data.read_parquet(storage.join(stage, "curated"))
+    kept.write_parquet(storage.join(stage, "curated"), partition_cols=["status"])
+    _move_partition(storage.join(stage, "curated"), "status=kept", storage.join(out, "documents"))
+    _move_partition(storage.join(stage, "curated"), "status=removed", storage.join(out, "removed"))
 
-    # Accounting: every row read is exactly one of kept / removed (by reason) / quarantined (by reason).
-    not_kept = annotated.filter(expr="status != 'kept'")
-    dup_removed = curated.filter(expr="status != 'kept'").drop_columns(["split"])
-    rejected = not_kept.union(dup_removed)
-    rejected.filter(expr="status == 'removed'").drop_columns(["raw"]).write_parquet(storage.join(out, "removed"))
-    rejected.filter(expr="status == 'quarantined'").drop_columns(["text"]).write_parquet(
-        storage.join(out, "quarantine"))
-    final_docs = curated.filter(expr="status == 'kept'").drop_columns(["raw", "status", "reason"])
-    final_docs.write_parquet(storage.join(out, "documents"))
-
-    counts: dict[str, dict[str, int]] = defaultdict(dict)
-    status_reason = annotated.select_columns(["status", "reason"]).filter(expr="status != 'kept'").union(
-        curated.select_columns(["status", "reason"]))
-    for row in status_reason.groupby(["status", "reason"]).count().take_all():
-        counts[row["status"]][row["reason"]] = int(row["count()"])
-    n_read = annotated.count()
-    n_kept = sum(counts[docs.KEPT].values())
+    # 3. Accounting: every row read is exactly one of kept / removed (by reason) / quarantined (by reason).
+    counts: dict[str, dict[str, int]] = {docs.REMOVED: defaultdict(int), docs.QUARANTINED: defaultdict(int)}
+    samples: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for sub, status, body in (("removed", docs.REMOVED, "text"), ("quarantine", docs.QUARANTINED, "raw")):
+        if not storage.exists(storage.join(out, sub)):
+            continue
+        partial = ray.data.read_parquet(storage.join(out, sub)).select_columns(["doc_id", "reason", body])
+        for row in partial.map_batches(summarize_block, fn_args=(status, body), batch_format="pyarrow").take_all():
+            counts[status][row["reason"]] += int(row["count"])
+            key = f"{status}:{row['reason']}"
+            samples[key] = (samples[key] + json.loads(row["samples"]))[:3]
+    documents = ray.data.read_parquet(storage.join(out, "documents"))
+    n_kept = documents.count()  # from Parquet metadata: no pass over the data
     n_removed = sum(counts[docs.REMOVED].values())
     n_quarantined = sum(counts[docs.QUARANTINED].values())
+    n_read = n_kept + n_removed + n_quarantined
 
-    # Tokenizer on a sample of the training split only (val/test stay unseen).
-    documents = ray.data.read_parquet(storage.join(out, "documents"))
-    train_docs = documents.filter(expr="split == 'train'")
-    sample = [r["text"] for r in train_docs.select_columns(["text"]).limit(d.tokenizer.sample_docs).take_all()]
+    # 4. Tokenizer on a sample of the training split only (val/test stay unseen).
+    train_docs = documents.filter(expr="split == 'train'").select_columns(["text"])
+    sample = [r["text"] for r in train_docs.limit(d.tokenizer.sample_docs).take_all()]
     if not sample:
         raise StageInputError(f"data stage kept no training documents (read {n_read}); see {out}/report.json")
     tok_dir = layout.tokenizer(d.name)
@@ -199,25 +254,30 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
         tok_bytes = (Path(tmp) / "tokenizer.json").read_bytes()
         storage.upload_dir(tmp, tok_dir)
 
-    tok_json = tok_bytes.decode()
-    splits: dict[str, Any] = {}
+    # 5. Tokenize + pack every split in one pass; 6. per-split statistics.
+    packed = documents.select_columns(["text", "split"]).map_batches(
+        TokenizePack, fn_constructor_args=(tok_bytes.decode(), d.seq_len), batch_size=256,
+        batch_format="numpy", concurrency=(1, 8))
+    packed.write_parquet(storage.join(stage, "packed"), partition_cols=["split"])
     for split in SPLITS:
-        part = documents.filter(expr=f"split == '{split}'").select_columns(["text"])
-        packed = part.map_batches(TokenizePack, fn_constructor_args=(tok_json, d.seq_len),
-                                  batch_size=256, concurrency=(1, 8))
-        packed.write_parquet(storage.join(out, split))
-        written = ray.data.read_parquet(storage.join(out, split))
-        n_seq = written.count()
-        stats = written.select_columns(["num_tokens", "num_docs"]).sum(["num_tokens", "num_docs"]) if n_seq else {}
-        splits[split] = {
-            "documents": int(stats.get("sum(num_docs)", 0) or 0),
-            "sequences": n_seq,
-            "tokens": int(stats.get("sum(num_tokens)", 0) or 0),
-            "files": _file_entries(storage.join(out, split)),
+        _move_partition(storage.join(stage, "packed"), f"split={split}", storage.join(out, split))
+    split_stats: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    written = [storage.join(out, sp) for sp in SPLITS if storage.exists(storage.join(out, sp))]
+    for row in (ray.data.read_parquet(written, include_paths=True).select_columns(["path", "num_tokens", "num_docs"])
+                .map_batches(split_sums, batch_format="pyarrow").take_all()):
+        for k in ("sequences", "tokens", "documents"):
+            split_stats[row["split"]][k] += int(row[k])
+    splits = {
+        split: {
+            "documents": split_stats[split]["documents"],
+            "sequences": split_stats[split]["sequences"],
+            "tokens": split_stats[split]["tokens"],
+            "files": _file_entries(storage.join(out, split)) if storage.exists(storage.join(out, split)) else [],
         }
+        for split in SPLITS
+    }
     storage.remove_tree(stage)
 
-    identity = n_read == n_kept + n_removed + n_quarantined
     report = {
         "dataset": d.name,
         "inputs": paths,
@@ -227,14 +287,10 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
         "quarantined": dict(sorted(counts[docs.QUARANTINED].items())),
         "removed_total": n_removed,
         "quarantined_total": n_quarantined,
-        "accounting_ok": identity,
-        "samples": _samples(out, counts),
+        "samples": samples,
         "seconds": round(time.time() - t0, 1),
     }
     storage.write_json(storage.join(out, "report.json"), report)
-    if not identity:
-        raise RuntimeError(f"accounting identity failed: read {n_read} != kept {n_kept} + removed {n_removed} "
-                           f"+ quarantined {n_quarantined}; see {out}/report.json")
     manifest = {
         "manifest_version": 1,
         "dataset": d.name,
@@ -251,40 +307,30 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
         "spec_sha256": hashlib.sha256(dump_spec(spec).encode()).hexdigest(),
         "data_spec": d.model_dump(mode="json"),
     }
-    manifest_bytes = storage_json_bytes(manifest)
-    storage.write_bytes(storage.join(out, "manifest.json"), manifest_bytes)
+    storage.write_json(storage.join(out, "manifest.json"), manifest)
     log.info("data stage done in %.0fs: read %d, kept %d, removed %d, quarantined %d; train tokens %d",
              time.time() - t0, n_read, n_kept, n_removed, n_quarantined, splits["train"]["tokens"])
     return manifest
+
+
+def _shuffle_partitions() -> int:
+    """Hash-shuffle partitions: one per cluster CPU (Ray's default of 200 drowns a small cluster)."""
+    import ray
+
+    return max(2, int(ray.cluster_resources().get("CPU", 2)))
+
+
+def _with_status(batch: pa.Table, status: str) -> pa.Table:
+    # Hive partition columns are not stored in the files; put the status back.
+    if "status" in batch.column_names:
+        batch = batch.drop_columns(["status"])
+    return batch.append_column("status", pa.array([status] * batch.num_rows, pa.string()))
 
 
 def _vocab_size(tok_bytes: bytes) -> int:
     from tokenizers import Tokenizer
 
     return Tokenizer.from_str(tok_bytes.decode()).get_vocab_size()
-
-
-def storage_json_bytes(obj: Any) -> bytes:
-    import json
-
-    return (json.dumps(obj, indent=2, default=str) + "\n").encode()
-
-
-def _samples(out: str, counts: dict[str, dict[str, int]], per_reason: int = 3) -> dict[str, list[dict[str, Any]]]:
-    """A few example documents per removal / quarantine reason, for the report."""
-    import ray.data
-
-    samples: dict[str, list[dict[str, Any]]] = {}
-    for status, sub, col in ((docs.REMOVED, "removed", "text"), (docs.QUARANTINED, "quarantine", "raw")):
-        if not counts.get(status):
-            continue
-        ds = ray.data.read_parquet(storage.join(out, sub)).select_columns(["doc_id", "reason", col])
-        for reason in sorted(counts[status]):
-            rows = ds.filter(expr=f"reason == {reason!r}").limit(per_reason).take_all()
-            samples[f"{sub}:{reason}"] = [
-                {"doc_id": r["doc_id"], "snippet": _snippet(r[col])} for r in rows
-            ]
-    return samples
 
 
 def _snippet(body: Any, n: int = 200) -> str:

@@ -71,6 +71,19 @@ class TokenizePack:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]
+        splits = [str(s) for s in batch["split"]] if "split" in batch else [""] * len(texts)
+        # A batch can mix splits; pack each on its own so no sequence straddles two splits.
+        by_split: dict[str, list[str]] = {}
+        for text, split in zip(texts, splits, strict=True):
+            by_split.setdefault(split, []).append(text)
+        parts = [self._pack(group) | {"split": np.full(0, "", dtype=object)} for group in by_split.values()]
+        for part, split in zip(parts, by_split, strict=True):
+            part["split"] = np.full(len(part["num_tokens"]), split, dtype=object)
+        if not parts:
+            return self._pack([]) | {"split": np.full(0, "", dtype=object)}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _pack(self, texts: list[str]) -> dict[str, np.ndarray]:
         encs = self.tok.encode_batch(texts, add_special_tokens=False)
         flat: list[int] = []
         for enc in encs:
