@@ -107,7 +107,9 @@ def _input_paths(spec: JobSpec, layout: storage.Layout) -> list[str]:
         with tempfile.TemporaryDirectory() as tmp:
             generate_demo_corpus(tmp, num_docs=src.demo.num_docs, seed=src.demo.seed)
             storage.upload_dir(tmp, raw)
-    return [raw]
+    # The shards only: planted.json (the ground truth for benchmarks) is not corpus.
+    planted = storage.read_json(storage.join(raw, "planted.json"))
+    return [storage.join(raw, name) for name in planted["files"]]
 
 
 def _read_raw(spec: JobSpec, paths: list[str]):

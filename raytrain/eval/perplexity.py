@@ -27,7 +27,6 @@ class NegLogLikelihood:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        torch.set_grad_enabled(False)
         with storage.local_dir(model_dir) as d:
             if untrained:
                 torch.manual_seed(seed)
@@ -40,10 +39,11 @@ class NegLogLikelihood:
         import torch
         import torch.nn.functional as F
 
-        ids = torch.as_tensor(np.stack(batch["input_ids"]), dtype=torch.long)  # (batch, seq)
-        n = torch.as_tensor(batch["num_tokens"], dtype=torch.long)
+        ids = torch.tensor(np.stack(batch["input_ids"]), dtype=torch.long)  # (batch, seq)
+        n = torch.tensor(np.asarray(batch["num_tokens"]), dtype=torch.long)
         mask = torch.arange(ids.shape[1])[None, :] < n[:, None]  # (batch, seq)
-        logits = self.model(input_ids=ids, attention_mask=mask.long()).logits  # (batch, seq, vocab)
+        with torch.no_grad():  # grad mode is per thread, and Ray Data may call from another thread
+            logits = self.model(input_ids=ids, attention_mask=mask.long()).logits  # (batch, seq, vocab)
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # (batch, seq-1)
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
         return {"nll": nll.sum(dim=1).numpy().astype(np.float64), "tokens": (targets != -100).sum(dim=1).numpy()}

@@ -94,7 +94,7 @@ def run_pretrain(spec: JobSpec) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        datasets={"train": ray.data.read_parquet(train_path)},
+        datasets={"train": ray.data.read_parquet(train_path, columns=["input_ids", "num_tokens"])},
     )
     log.info("pretraining %s (%s preset) on %d workers, ZeRO-%d, %d steps", spec.model.name, spec.model.preset,
              t.num_workers, t.zero_stage, t.max_steps)
