@@ -59,3 +59,7 @@ def demo_corpus(out: str = typer.Option(..., "--out", "-o", help="Directory to w
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -246,7 +246,7 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
     n_read = n_kept + n_removed + n_quarantined
 
     # 4. Tokenizer on a sample of the training split only (val/test stay unseen).
-    train_docs = documents.filter(expr="split == 'train'").select_columns(["text"])
+    train_docs = documents.filter(expr=col("split") == "train").select_columns(["text"])
     sample = [r["text"] for r in train_docs.limit(d.tokenizer.sample_docs).take_all()]
     if not sample:
         raise StageInputError(f"data stage kept no training documents (read {n_read}); see {out}/report.json")

@@ -1,0 +1,34 @@
+"""Shared test helpers: repo paths, free ports, one local Ray instance per session where tests share it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ helper modules (serving_fixtures, k8s_schemas)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A local Ray instance (4 logical CPUs, as the embedded default uses on a 2-core machine)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        ray.init(num_cpus=4, logging_level="WARNING", include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
