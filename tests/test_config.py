@@ -67,7 +67,7 @@ def test_bad_override_names_key() -> None:
 
 
 def test_missing_file_is_named() -> None:
-    with pytest.raises(ConfigError, match="config file not found: no/such/spec.yaml"):
+    with pytest.raises(ConfigError, match=r"config file not found: no/such/spec\.yaml"):
         load_spec("no/such/spec.yaml")
 
 

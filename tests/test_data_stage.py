@@ -36,7 +36,7 @@ def _ids(path: Path, column: str = "doc_id") -> list[str]:
 
 
 def test_accounting_identity_and_planted_malformed_rows(demo_run: tuple[Path, dict, dict]) -> None:
-    out, manifest, planted = demo_run
+    out, _, planted = demo_run
     report = json.loads((out / "report.json").read_text())
     assert report["read"] == planted["rows"]
     assert report["kept"] + report["removed_total"] + report["quarantined_total"] == report["read"]

@@ -195,6 +195,7 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
     accounting, tokenizer sample, tokenize + pack, split statistics.
     """
     import ray.data
+    from ray.data.expressions import col
 
     from raytrain.data.tokenizer import TokenizePack, train_tokenizer
 
