@@ -35,6 +35,7 @@ def deploy(spec: JobSpec, timeout_s: float = 300.0) -> str:
     """Deploy (or update) the application and wait until it answers; returns its base URL."""
     import httpx
     from ray import serve
+
     from serving.app import build_app
 
     args = app_args(spec)
