@@ -65,7 +65,13 @@ def job(cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> di
     cmd = [RAY, "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO), "--",
            "python", "-m", "jobs.pipeline", "--config", "jobs/configs/tiny.yaml",
            f"storage.root={root}", f"serve.port={port}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    deadline = time.time() + 180
+    while True:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+        # The jobs API answers before the head's job agent has registered; that is worth a retry.
+        if "No available agent to submit job" not in proc.stderr + proc.stdout or time.time() > deadline:
+            break
+        time.sleep(3)
     return {"proc": proc, "root": root, "port": port, "env": env}
 
 

@@ -31,10 +31,12 @@ class TrainTask(Protocol):
 class CausalLMTask:
     """Next-token prediction on packed sequences with padding masked out of the loss."""
 
-    def __init__(self, model_config: dict[str, Any], seed: int, init_from: str | None = None) -> None:
+    def __init__(self, model_config: dict[str, Any], seed: int, init_from: str | None = None,
+                 shuffle_buffer: int = 0) -> None:
         self.model_config = model_config
         self.seed = seed
         self.init_from = init_from
+        self.shuffle_buffer = shuffle_buffer
 
     def build_model(self) -> torch.nn.Module:
         import torch
@@ -51,8 +53,12 @@ class CausalLMTask:
     def batches(self, shard: Any, micro_batch_size: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         import torch
 
-        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True,
-                                              dtypes={"input_ids": torch.long, "num_tokens": torch.long}):
+        # A seeded local shuffle that changes every epoch and is the same on every re-run of that
+        # epoch, which is what lets a resume skip exactly the micro-batches already trained.
+        shuffle = {"local_shuffle_buffer_size": self.shuffle_buffer, "local_shuffle_seed": self.seed * 1000 + epoch} \
+            if self.shuffle_buffer else {}
+        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True, device="cpu",
+                                              dtypes={"input_ids": torch.long, "num_tokens": torch.long}, **shuffle):
             ids = batch["input_ids"]  # (batch, seq)
             mask = torch.arange(ids.shape[1])[None, :] < batch["num_tokens"][:, None]  # (batch, seq)
             yield {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100)}

@@ -60,10 +60,14 @@ def _git_revision() -> str | None:
         return None
 
 
-def run_pretrain(spec: JobSpec) -> dict[str, Any]:
-    """Train, then export models/<model.name>/<run_name>/. Returns the final metrics and paths."""
+def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train, then export models/<model.name>/<run_name>/. Returns the final metrics and paths.
+
+    `fault_injection` is for tests only (e.g. {"crash_in_save_at_step": 20}).
+    """
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raytrain.train.worker import HF_DIR, train_loop_per_worker
@@ -80,21 +84,32 @@ def run_pretrain(spec: JobSpec) -> dict[str, Any]:
 
     t = spec.train
     resources = {"GPU": 1, "CPU": 1} if t.use_gpu else {"CPU": 1}
+    run_dir = storage.join(layout.runs(), spec.run_name)
+    tb_dir = storage.join(run_dir, "tensorboard") if t.tensorboard and not storage.is_uri(run_dir) else None
+    # A fixed block order (seeded) and preserve_order make each worker's shard the same stream on every
+    # run, which is what makes resume exact (see worker.py).
+    train_ds = (ray.data.read_parquet(train_path).select_columns(["input_ids", "num_tokens"])
+                .randomize_block_order(seed=t.seed))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": t.model_dump(mode="json"),
             "model_config": model_config,
             "init_from": spec.model.init_from,
+            "tensorboard_dir": tb_dir,
+            "sample_log_dir": storage.join(run_dir, "samples") if t.sample_log else None,
+            **(fault_injection or {}),
         },
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=t.placement_strategy),
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=spec.run_name,
             storage_path=layout.runs(),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        datasets={"train": ray.data.read_parquet(train_path, columns=["input_ids", "num_tokens"])},
+        datasets={"train": train_ds},
     )
     log.info("pretraining %s (%s preset) on %d workers, ZeRO-%d, %d steps", spec.model.name, spec.model.preset,
              t.num_workers, t.zero_stage, t.max_steps)
