@@ -53,10 +53,14 @@ class SourceSpec(Section):
     )
     paths: list[str] = Field(
         default_factory=list,
-        description="Files or directories (local or object store) read when kind is 'files'.",
+        description="Files or directories (local or object store) read when kind is 'files'. Directories are "
+        "walked recursively; files of unknown type are skipped and counted in the report.",
     )
-    format: Literal["auto", "jsonl", "parquet"] = Field(
-        "auto", description="Input format; 'auto' picks by file extension (.jsonl/.json[.gz], .parquet)."
+    format: Literal["auto", "jsonl", "parquet", "text", "html", "warc"] = Field(
+        "auto",
+        description="Input format; 'auto' picks per file by extension: .jsonl/.json/.ndjson[.gz|.zst] JSONL, "
+        ".parquet Parquet, .txt/.md/.text one document per file, .html/.htm one page per file, "
+        ".warc/.warc.gz WARC response (HTML) and conversion (text) records.",
     )
     text_field: str = Field("text", description="Name of the field holding the document text.")
     id_field: str = Field("id", description="Name of the field holding a document id (optional per row).")
@@ -70,31 +74,177 @@ class SourceSpec(Section):
         return self
 
 
-class FilterSpec(Section):
-    max_doc_bytes: int = Field(
-        1_000_000, ge=1, description="Raw documents larger than this go to quarantine (reason 'too_large')."
-    )
-    min_words: int = Field(30, ge=0, description="Documents with fewer words are removed ('too_short').")
-    max_words: int = Field(100_000, ge=1, description="Documents with more words are removed ('too_long').")
-    min_mean_word_length: float = Field(3.0, ge=0, description="Gopher rule: minimum mean word length.")
-    max_mean_word_length: float = Field(10.0, gt=0, description="Gopher rule: maximum mean word length.")
-    min_alpha_words_fraction: float = Field(
-        0.8, ge=0, le=1, description="Gopher rule: fraction of words that must contain a letter."
-    )
+class GopherQualitySpec(Section):
+    """Gopher quality rules (Rae et al. 2021, appendix A, Table A1); defaults are the published thresholds."""
+
+    enabled: bool = Field(True, description="Apply the Gopher quality rules.")
+    min_words: int = Field(50, ge=0, description="Fewer words than this: removed ('gopher_quality:word_count').")
+    max_words: int = Field(100_000, ge=1, description="More words than this: removed ('gopher_quality:word_count').")
+    min_mean_word_length: float = Field(3.0, ge=0, description="Minimum mean word length in characters.")
+    max_mean_word_length: float = Field(10.0, gt=0, description="Maximum mean word length in characters.")
     max_symbol_word_ratio: float = Field(
-        0.1, ge=0, description="Gopher rule: maximum ratio of '#' and '...' to words."
+        0.1, ge=0, description="Maximum ratio of '#' symbols, and separately of ellipses ('...', '…'), to words."
     )
-    max_duplicate_line_fraction: float = Field(
-        0.3, ge=0, le=1, description="Gopher repetition rule: maximum fraction of duplicated lines."
+    max_bullet_lines_ratio: float = Field(
+        0.9, ge=0, le=1, description="Maximum fraction of lines starting with a bullet point."
     )
+    max_ellipsis_lines_ratio: float = Field(
+        0.3, ge=0, le=1, description="Maximum fraction of lines ending with an ellipsis."
+    )
+    min_alpha_words_ratio: float = Field(
+        0.8, ge=0, le=1, description="Minimum fraction of words containing at least one alphabetic character."
+    )
+    stop_words: list[str] = Field(
+        default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"],
+        description="Stop words of the stop-word rule.",
+    )
+    min_stop_words: int = Field(2, ge=0, description="Minimum number of distinct `stop_words` a document contains.")
 
     @model_validator(mode="after")
-    def _ranges(self) -> FilterSpec:
+    def _ranges(self) -> GopherQualitySpec:
         if self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) must not exceed max_words ({self.max_words})")
         if self.min_mean_word_length > self.max_mean_word_length:
             raise ValueError("min_mean_word_length must not exceed max_mean_word_length")
         return self
+
+
+class GopherRepetitionSpec(Section):
+    """Gopher repetition rules (Rae et al. 2021, Table A1); defaults are the published thresholds."""
+
+    enabled: bool = Field(True, description="Apply the Gopher repetition rules.")
+    max_dup_line_frac: float = Field(0.30, ge=0, le=1, description="Maximum fraction of lines that are duplicates.")
+    max_dup_para_frac: float = Field(
+        0.30, ge=0, le=1, description="Maximum fraction of paragraphs that are duplicates."
+    )
+    max_dup_line_char_frac: float = Field(
+        0.20, ge=0, le=1, description="Maximum fraction of characters in duplicated lines."
+    )
+    max_dup_para_char_frac: float = Field(
+        0.20, ge=0, le=1, description="Maximum fraction of characters in duplicated paragraphs."
+    )
+    top_ngram_max_char_frac: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
+        description="n -> maximum fraction of word characters covered by the most frequent word n-gram.",
+    )
+    dup_ngram_max_char_frac: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> maximum fraction of word characters covered by word n-grams that occur more than once.",
+    )
+
+
+class C4Spec(Section):
+    """C4 rules (Raffel et al. 2020, section 2.2): line rules edit the text, document rules remove it."""
+
+    enabled: bool = Field(True, description="Apply the C4 line and document rules.")
+    drop_lines_without_terminal_punct: bool = Field(
+        True, description="Line rule: drop lines not ending in '.', '!', '?' or a closing quote."
+    )
+    min_words_per_line: int = Field(5, ge=0, description="Line rule: drop lines with fewer words.")
+    drop_javascript_lines: bool = Field(True, description="Line rule: drop lines mentioning 'javascript'.")
+    drop_policy_lines: bool = Field(
+        True, description="Line rule: drop lines about terms of use, privacy or cookie policies."
+    )
+    max_word_length: int = Field(1000, ge=1, description="Line rule: drop lines holding a longer word.")
+    min_sentences: int = Field(3, ge=0, description="Document rule: fewer sentences (after line rules): removed.")
+    remove_lorem_ipsum: bool = Field(True, description="Document rule: remove pages containing 'lorem ipsum'.")
+    remove_curly_bracket: bool = Field(True, description="Document rule: remove pages containing '{' (code).")
+
+
+class FineWebSpec(Section):
+    """The FineWeb filter (Penedo et al. 2024, 'FineWeb' blog post and paper, section 3.3)."""
+
+    enabled: bool = Field(True, description="Apply the FineWeb rules.")
+    min_line_punct_ratio: float = Field(
+        0.12, ge=0, le=1, description="Remove when at most this fraction of lines ends in terminal punctuation."
+    )
+    max_dup_line_char_ratio: float = Field(
+        0.1, ge=0, le=1,
+        description="Remove when the fraction of characters in duplicated lines is at least this (the blog's "
+        "0.1; datatrove's release uses 0.01 over a differently counted ratio).",
+    )
+    short_line_length: int = Field(30, ge=1, description="A line with at most this many characters is short.")
+    max_short_line_ratio: float = Field(
+        0.67, ge=0, le=1, description="Remove when the fraction of short lines is at least this."
+    )
+    max_newline_word_ratio: float = Field(
+        0.3, ge=0, description="Remove when newlines per word exceed this (lists and tables; FineWeb's release)."
+    )
+
+
+class LanguageSpec(Section):
+    enabled: bool = Field(True, description="Keep only documents identified as one of `languages` (py3langid).")
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1 codes to keep.")
+    min_score: float = Field(
+        0.65, ge=0, le=1, description="Minimum probability of the top language (FineWeb keeps fastText score >= 0.65)."
+    )
+    max_chars: int = Field(4000, ge=100, description="Characters of the text the identifier reads (speed).")
+
+
+class BlocklistSpec(Section):
+    enabled: bool = Field(True, description="Remove documents whose URL is on the blocklist.")
+    domains: list[str] = Field(
+        default_factory=list, description="Blocked domains; a domain also blocks its subdomains."
+    )
+    url_substrings: list[str] = Field(default_factory=list, description="Blocked substrings of the full URL.")
+    path: str | None = Field(
+        None, description="A file (local or object store) with one blocked domain per line, added to `domains`."
+    )
+
+
+class BadWordsSpec(Section):
+    enabled: bool = Field(True, description="Remove documents containing listed words (C4's rule).")
+    words: list[str] = Field(
+        default_factory=list, description="Words or phrases matched case-insensitively on word boundaries."
+    )
+    path: str | None = Field(
+        None, description="A file with one word or phrase per line (e.g. the LDNOOBW list C4 used), added to `words`."
+    )
+    max_matches: int = Field(0, ge=0, description="Remove when more than this many matches are found (C4: 0).")
+
+
+class PIISpec(Section):
+    enabled: bool = Field(True, description="Redact personal information in kept documents.")
+    email: bool = Field(True, description="Redact email addresses.")
+    phone: bool = Field(True, description="Redact phone numbers (North American and +country formats).")
+    ip_address: bool = Field(True, description="Redact IPv4 and IPv6 addresses (validated by `ipaddress`).")
+    credit_card: bool = Field(True, description="Redact Luhn-valid card numbers with a known issuer prefix.")
+
+
+class FuzzyDedupSpec(Section):
+    enabled: bool = Field(True, description="Remove near duplicates with MinHash LSH, keeping one per cluster.")
+    ngram: int = Field(5, ge=1, description="Word n-gram size of the shingles.")
+    num_bands: int = Field(14, ge=1, description="LSH bands (FineWeb: 14).")
+    rows_per_band: int = Field(8, ge=1, description="MinHash values per band (FineWeb: 8; 14 x 8 = 112 hashes).")
+    seed: int = Field(1, description="Seed of the MinHash permutations.")
+    max_pairs: int = Field(
+        50_000_000, ge=1,
+        description="Bound on candidate pairs the driver joins into clusters (16 bytes each); the stage fails "
+        "with a clear error beyond it instead of running out of memory.",
+    )
+
+
+class DecontaminationSpec(Section):
+    eval_paths: list[str] = Field(
+        default_factory=list,
+        description="Evaluation sets to protect: text files (one example per line) or JSONL with a 'text' field.",
+    )
+    ngram: int = Field(13, ge=1, description="Documents sharing a word n-gram this long with an eval set are removed.")
+
+
+class FilterSpec(Section):
+    max_doc_bytes: int = Field(
+        1_000_000, ge=1, description="Raw documents larger than this go to quarantine (reason 'too_large')."
+    )
+    url_blocklist: BlocklistSpec = Field(default_factory=BlocklistSpec, description="URL/domain blocklist.")
+    language: LanguageSpec = Field(default_factory=LanguageSpec, description="Language identification.")
+    gopher_repetition: GopherRepetitionSpec = Field(
+        default_factory=GopherRepetitionSpec, description="Gopher repetition rules."
+    )
+    gopher_quality: GopherQualitySpec = Field(default_factory=GopherQualitySpec, description="Gopher quality rules.")
+    c4: C4Spec = Field(default_factory=C4Spec, description="C4 line and document rules.")
+    fineweb: FineWebSpec = Field(default_factory=FineWebSpec, description="FineWeb rules.")
+    bad_words: BadWordsSpec = Field(default_factory=BadWordsSpec, description="Bad-words list.")
 
 
 class SplitSpec(Section):
@@ -115,14 +265,20 @@ class DataSpec(Section):
     )
     source: SourceSpec = Field(default_factory=SourceSpec, description="Where the raw corpus comes from.")
     extract_html: bool = Field(True, description="Extract main text from HTML documents (trafilatura).")
-    filters: FilterSpec = Field(default_factory=FilterSpec, description="Quality filter thresholds.")
+    filters: FilterSpec = Field(default_factory=FilterSpec, description="Quality filters, each switchable.")
+    pii: PIISpec = Field(default_factory=PIISpec, description="PII redaction.")
     exact_dedup: bool = Field(True, description="Remove exact duplicates of the normalized text, keeping one.")
+    fuzzy_dedup: FuzzyDedupSpec = Field(default_factory=FuzzyDedupSpec, description="MinHash LSH near-dedup.")
+    decontamination: DecontaminationSpec = Field(
+        default_factory=DecontaminationSpec, description="Removal of documents overlapping evaluation sets."
+    )
     split: SplitSpec = Field(default_factory=SplitSpec, description="Train/val/test split by stable document hash.")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer training.")
     seq_len: int = Field(128, ge=8, le=131_072, description="Packed sequence length in tokens.")
     quarantine_sample_bytes: int = Field(
         4096, ge=0, description="Bytes of each malformed row kept in quarantine/ (the rest is truncated)."
     )
+    report_samples: int = Field(3, ge=0, description="Example documents kept in report.json per removal reason.")
 
 
 ModelPreset = Literal["tiny", "small", "125m", "350m", "1b"]
@@ -149,21 +305,42 @@ class TrainSpec(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per micro-step.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer state and step on CPU (stage >= 1).")
+    offload_params: bool = Field(False, description="ZeRO-Infinity style parameter offload to CPU (stage 3 only).")
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     lr: float = Field(3e-3, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR after warmup: cosine decay or constant.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of the peak LR.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before cosine decay.")
     max_steps: int = Field(200, ge=1, description="Optimizer steps to train for.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0 disables).")
     seed: int = Field(0, description="Seed of model init and data order.")
+    shuffle_buffer: int = Field(
+        256, ge=0, description="Sequences in each worker's seeded per-epoch shuffle buffer (0: stream order)."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed on nodes (STRICT_SPREAD: one worker per node)."
+    )
+    sample_log: bool = Field(
+        False, description="Write each step's sequence fingerprints per rank under runs/<run>/samples/ (audit)."
+    )
+    tensorboard: bool = Field(True, description="Write TensorBoard event files under runs/<run>/tensorboard/.")
     log_every: int = Field(10, ge=1, description="Steps between metric reports.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (and one at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage (latest K).")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may do (-1: unlimited).")
 
     @model_validator(mode="after")
-    def _precision_device(self) -> TrainSpec:
+    def _combinations(self) -> TrainSpec:
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision 'fp16' needs use_gpu: true (CPU training supports 'fp32' and 'bf16')")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got zero_stage {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (got zero_stage 0)")
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
 
 
