@@ -57,6 +57,25 @@ def demo_corpus(out: str = typer.Option(..., "--out", "-o", help="Directory to w
     print(json.dumps(generate_demo_corpus(out, num_docs=num_docs, seed=seed), indent=2))
 
 
+bench_app = typer.Typer(help="Benchmarks that compare side by side in one run and report ratios (JSON).")
+app.add_typer(bench_app, name="bench")
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _bench(name: str, doc: str) -> None:
+    def command(ctx: typer.Context) -> None:
+        import importlib
+
+        module = importlib.import_module(f"raytrain.bench.{name}")
+        raise typer.Exit(module.main(list(ctx.args)))
+
+    command.__doc__ = doc + " (--help for its options)"
+    bench_app.command(name, context_settings=PASS_THROUGH)(command)
+
+
+_bench("train", "Ray Train + DeepSpeed vs a bare PyTorch loop: tokens/s ratio; MFU on GPU.")
+
+
 def main() -> None:
     app()
 
