@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from io import BytesIO
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +17,40 @@ from raytrain.data.demo import generate_demo_corpus
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
+EXTRA_ROWS = 5  # documents in the extra sources below (text, HTML, WARC), besides the demo corpus
+EVAL_SENTENCE = ("the archive keeps every letter the old harbour master wrote to the council about the winter "
+                 "storms and the repairs that followed")
+
+
+def _extra_sources(corpus: Path, planted: dict) -> list[str]:
+    """A directory of text and HTML files, a WARC archive, and an eval set that contaminates one document."""
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    other = generate_demo_corpus(corpus / "other", num_docs=60, seed=99)  # unrelated prose: no near duplicates
+    special = {*other["html_ids"], *other["junk_ids"], *(d for d, _ in other["near_duplicate_pairs"]),
+               *(d for d, _ in other["exact_duplicate_pairs"]), *(e["id"] for e in other["pii"]),
+               *(e["id"] for e in other["pii_decoys"])}
+    rows = [json.loads(line) for line in (corpus / "other" / other["files"][0]).read_text().splitlines()
+            if line.startswith("{")]
+    prose = [r["text"] for r in rows if isinstance(r.get("text"), str) and r["id"] not in special][:5]
+    extra = corpus / "extra"
+    extra.mkdir()
+    (extra / "a.txt").write_text(prose[0])
+    (extra / "contaminated.txt").write_text(prose[1] + "\n\nIn the museum, " + EVAL_SENTENCE + ".")
+    (extra / "b.html").write_text(f"<html><body><article><p>{prose[2]}</p></article></body></html>")
+    (extra / "notes.bin").write_bytes(b"\x00\x01")  # unknown type: skipped and reported
+    with open(extra / "crawl.warc.gz", "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        for i in range(2):
+            page = f"<html><body><article><p>{prose[3 + i]}</p></article></body></html>"
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.0")
+            writer.write_record(writer.create_warc_record(f"https://crawl.example.com/{i}", "response",
+                                                          payload=BytesIO(page.encode()), http_headers=headers))
+    (corpus / "eval.txt").write_text(EVAL_SENTENCE + "\n")
+    return [str(extra)]
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     from raytrain.data.pipeline import run_data
@@ -24,9 +59,10 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict
     corpus = tmp_path_factory.mktemp("corpus")
     planted = generate_demo_corpus(corpus, num_docs=240, seed=3)
     spec = load_spec("tiny", [f"storage.root={root}", "data.source.kind=files",
-                              f"data.source.paths=[{corpus}]", "data.tokenizer.vocab_size=400"])
-    # planted.json sits beside the shards: pass the shards only.
-    spec.data.source.paths = [str(corpus / f) for f in planted["files"]]
+                              f"data.source.paths=[{corpus}]", "data.tokenizer.vocab_size=400",
+                              f"data.decontamination.eval_paths=[{corpus / 'eval.txt'}]"])
+    # planted.json sits beside the shards: pass the shards only, plus the extra sources.
+    spec.data.source.paths = [str(corpus / f) for f in planted["files"]] + _extra_sources(corpus, planted)
     manifest = run_data(spec)
     return root / "datasets" / "tiny", manifest, planted
 
@@ -38,7 +74,7 @@ def _ids(path: Path, column: str = "doc_id") -> list[str]:
 def test_accounting_identity_and_planted_malformed_rows(demo_run: tuple[Path, dict, dict]) -> None:
     out, _, planted = demo_run
     report = json.loads((out / "report.json").read_text())
-    assert report["read"] == planted["rows"]
+    assert report["read"] == planted["rows"] + EXTRA_ROWS
     assert report["kept"] + report["removed_total"] + report["quarantined_total"] == report["read"]
     assert sum(report["removed"].values()) == report["removed_total"]
     for kind, n in planted["malformed"].items():
@@ -59,8 +95,67 @@ def test_junk_and_exact_duplicates_are_removed(demo_run: tuple[Path, dict, dict]
         assert junk in reasons and reasons[junk] != "exact_duplicate", junk
     for dup, source in planted["exact_duplicate_pairs"]:
         assert reasons.get(dup) == "exact_duplicate", dup
-        assert source in kept or reasons.get(source) == "exact_duplicate"
+        assert source in kept or reasons.get(source) in ("exact_duplicate", "fuzzy_duplicate")
     assert not kept & set(reasons), "a document is both kept and removed"
+
+
+def _families(planted: dict) -> dict[str, str]:
+    """Each planted duplicate -> the original it was copied from (following chains)."""
+    parent = {dup: src for dup, src in planted["exact_duplicate_pairs"] + planted["near_duplicate_pairs"]}
+
+    def root(x: str) -> str:
+        while x in parent:
+            x = parent[x]
+        return x
+
+    return {x: root(x) for x in parent} | {src: root(src) for src in parent.values()}
+
+
+def test_fuzzy_dedup_precision_and_recall_on_planted_near_duplicates(demo_run: tuple[Path, dict, dict]) -> None:
+    out, _, planted = demo_run
+    removed = pq.read_table(out / "removed", columns=["doc_id", "reason", "dup_of"]).to_pylist()
+    docs = pq.read_table(out / "documents", columns=["doc_id", "uid"]).to_pylist()
+    by_uid = {d["uid"]: d["doc_id"] for d in docs}
+    fuzzy = {r["doc_id"]: by_uid.get(r["dup_of"]) for r in removed if r["reason"] == "fuzzy_duplicate"}
+    family = _families(planted)
+    assert fuzzy, "near duplicates were found"
+    correct = [d for d, kept in fuzzy.items() if kept is not None and family.get(d, d) == family.get(kept, kept)]
+    assert len(correct) / len(fuzzy) >= 0.99, {d: k for d, k in fuzzy.items() if d not in correct}
+    near = [dup for dup, _ in planted["near_duplicate_pairs"]]
+    reasons = {r["doc_id"]: r["reason"] for r in removed}
+    found = [d for d in near if reasons.get(d) in ("fuzzy_duplicate", "exact_duplicate")]
+    assert len(found) / len(near) >= 0.9, sorted(set(near) - set(found))
+    report = json.loads((out / "report.json").read_text())
+    assert report["removed"]["fuzzy_duplicate"] == len(fuzzy) == report["fuzzy_dedup"]["removed"]
+
+
+def test_pii_is_redacted_and_counted(demo_run: tuple[Path, dict, dict]) -> None:
+    out, _, planted = demo_run
+    texts = dict(zip(_ids(out / "documents"), _ids(out / "documents", "text"), strict=True))
+    planted_kept = [e for e in planted["pii"] if e["id"] in texts]
+    assert planted_kept, "some planted PII reached the output"
+    for e in planted_kept:
+        assert e["value"] not in texts[e["id"]], e
+    for e in planted["pii_decoys"]:
+        if e["id"] in texts:
+            assert e["value"] in texts[e["id"]], e  # a Luhn-invalid number is not a card
+    report = json.loads((out / "report.json").read_text())
+    assert sum(report["pii_redacted"].values()) >= len(planted_kept)
+
+
+def test_sources_decontamination_and_report(demo_run: tuple[Path, dict, dict]) -> None:
+    out, _, _ = demo_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["inputs_by_format"] == {"jsonl": 2, "text": 2, "html": 1, "warc": 1}
+    assert [Path(p).name for p in report["skipped_files"]] == ["notes.bin"]
+    removed = pq.read_table(out / "removed", columns=["source", "reason"]).to_pylist()
+    assert [Path(r["source"]).name for r in removed if r["reason"] == "decontaminated"] == ["contaminated.txt"]
+    sources = {Path(s).name for s in _ids(out / "documents", "source")}
+    assert {"a.txt", "b.html", "crawl.warc.gz"} <= sources
+    assert sum(report["removed_by_stage"].values()) == report["removed_total"]
+    md = (out / "report.md").read_text()
+    assert "## What each stage removed" in md and "█" in md and "fuzzy_duplicate" in md
+    assert (out / "report.svg").read_text().startswith("<svg")
 
 
 def test_splits_are_stable_disjoint_and_packed(demo_run: tuple[Path, dict, dict]) -> None:
@@ -112,7 +207,10 @@ def test_parquet_input_with_malformed_rows(tmp_path: Path) -> None:
     texts = [*good, None, None, good[0]]
     pq.write_table(pa.table({"id": [f"p{i}" for i in range(len(texts))], "text": texts}), tmp_path / "in.parquet")
     spec = load_spec("tiny", [f"storage.root={tmp_path / 'root'}", "data.source.kind=files",
-                              f"data.source.paths=[{tmp_path / 'in.parquet'}]", "data.filters.min_words=10",
+                              f"data.source.paths=[{tmp_path / 'in.parquet'}]",
+                              # one-sentence rows that differ in one number: only exact dedup applies here
+                              "data.filters.gopher_quality.min_words=10", "data.filters.c4.enabled=false",
+                              "data.fuzzy_dedup.enabled=false",
                               "data.tokenizer.vocab_size=300", "data.split.val_fraction=0.2"])
     manifest = run_data(spec)
     counts = manifest["counts"]

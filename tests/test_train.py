@@ -14,9 +14,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from train_fixtures import build_packed_dataset
 
 from raytrain.config import load_spec
+from train_fixtures import build_packed_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
