@@ -70,8 +70,9 @@ def bare_pytorch(args: argparse.Namespace, device: str, batch: int) -> dict[str,
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**_model_config(args))).to(device)
-    if args.precision == "bf16":
-        model = model.to(torch.bfloat16)
+    # bf16 the usual way for a plain loop: fp32 weights and optimizer, bf16 autocast for the math
+    # (DeepSpeed's bf16 mode likewise keeps fp32 master weights).
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
     opt = build_optimizer(model, 1e-3, 0.1)
     warm = max(1, args.steps // 3)
     tokens, t0 = 0, 0.0
@@ -80,7 +81,8 @@ def bare_pytorch(args: argparse.Namespace, device: str, batch: int) -> dict[str,
             _sync(device)
             t0, tokens = time.perf_counter(), 0
         ids = b["input_ids"].to(device)
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
