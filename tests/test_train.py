@@ -66,13 +66,17 @@ def test_zero2_trains_partitions_optimizer_and_exports(reference: dict, root: Pa
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
-def test_zero_stage_trains_and_partitions(root: Path, stage: int) -> None:
+def test_zero_stage_trains_and_partitions(root: Path, stage: int, reference: dict) -> None:
+    """Stage 1 also continues pretraining from the reference run's exported Hugging Face directory."""
     from transformers import AutoModelForCausalLM
 
     from raytrain.train.trainer import run_pretrain
 
+    extra = [f"model.init_from={reference['model_dir']}"] if stage == 1 else []
     result = run_pretrain(spec_for(root, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=6",
-                                   "train.checkpoint_every=6", "train.sample_log=false"))
+                                   "train.checkpoint_every=6", "train.sample_log=false", *extra))
+    if stage == 1:  # starts where the reference ended, not from ~ln(vocab)
+        assert result["metrics"]["loss"] < reference["metrics"]["loss"] + 0.3
     m = result["metrics"]
     assert m["loss"] < math.log(400) - 0.5
     full_state = 2 * m["total_param_elements"]
