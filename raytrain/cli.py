@@ -57,6 +57,14 @@ def demo_corpus(out: str = typer.Option(..., "--out", "-o", help="Directory to w
     print(json.dumps(generate_demo_corpus(out, num_docs=num_docs, seed=seed), indent=2))
 
 
+def _register_ops() -> None:
+    from raytrain.ops.cli import ops_app
+
+    app.add_typer(ops_app, name="ops", help="Run stages as RayJobs and roll the RayService (Kubernetes API).")
+
+
+_register_ops()
+
 bench_app = typer.Typer(help="Benchmarks that compare side by side in one run and report ratios (JSON).")
 app.add_typer(bench_app, name="bench")
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

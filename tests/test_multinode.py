@@ -22,8 +22,8 @@ def test_one_worker_per_node(tmp_path: Path) -> None:
         env = {k: v for k, v in cluster.items() if k not in ("gcs", "token")}
         proc = subprocess.run(
             [sys.executable, "-m", "jobs.pretrain", "--config", "tiny", f"storage.root={tmp_path}",
-             f"cluster.address={cluster['gcs']}", "train.placement_strategy=STRICT_SPREAD", "train.max_steps=4", "train.warmup_steps=1",
-             "train.checkpoint_every=4", "train.log_every=2", "train.micro_batch_size=4"],
+             f"cluster.address={cluster['gcs']}", "train.placement_strategy=STRICT_SPREAD", "train.max_steps=4",
+             "train.warmup_steps=1", "train.checkpoint_every=4", "train.log_every=2", "train.micro_batch_size=4"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index('{\n  "stage"'):])
