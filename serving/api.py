@@ -19,10 +19,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-# Upper bounds that keep one request from monopolising a replica; generation is sequential per replica.
+# Upper bounds that keep one request from monopolising a replica.
 MAX_PROMPTS_PER_REQUEST = 32
 MAX_CHOICES_PER_PROMPT = 8
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+MAX_PROMPT_CHARS = 200_000  # characters per prompt (or per chat conversation), checked before tokenizing
+MAX_MESSAGES = 256
 
 
 class APIError(Exception):
@@ -123,6 +126,7 @@ class ErrorResponse(BaseModel):
 # Parameters where JSON `null` means "use the default" (the OpenAI API treats them that way).
 _NULL_MEANS_DEFAULT = (
     "max_tokens",
+    "max_completion_tokens",
     "temperature",
     "top_p",
     "n",
@@ -130,19 +134,29 @@ _NULL_MEANS_DEFAULT = (
     "stream",
     "presence_penalty",
     "frequency_penalty",
+    "logprobs",
 )
 
+# Seeds are handed to torch.Generator.manual_seed, which takes a 64-bit value.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
 
-class CompletionRequest(BaseModel):
-    """`POST /v1/completions` body."""
+
+class StreamOptions(BaseModel):
+    """`stream_options`: only meaningful with `stream: true`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="A model id from `GET /v1/models`.")
-    prompt: str | list[str] = Field(
-        description=f"A prompt, or a list of up to {MAX_PROMPTS_PER_REQUEST} prompts; token-id prompts are not "
-        "supported."
+    include_usage: bool = Field(
+        False, description="Send one last chunk, before `data: [DONE]`, whose `usage` holds the token counts."
     )
+
+
+class SamplingRequest(BaseModel):
+    """What completions and chat completions share: the model, sampling, stop sequences and streaming."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256, description="A model id from `GET /v1/models`.")
     max_tokens: int = Field(16, ge=1, description="Most tokens to generate per choice.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 decodes greedily; higher samples more freely.")
     top_p: float = Field(
@@ -152,20 +166,20 @@ class CompletionRequest(BaseModel):
         description="Nucleus sampling: keep the smallest set of tokens with this much probability mass.",
     )
     n: int = Field(1, ge=1, le=MAX_CHOICES_PER_PROMPT, description="Choices to generate per prompt.")
-    seed: int | None = Field(None, description="Makes sampling reproducible; choice i of a prompt uses seed + i.")
+    seed: int | None = Field(
+        None, ge=_SEED_MIN, le=_SEED_MAX, description="Makes sampling reproducible; choice i uses seed + i."
+    )
     stop: str | list[str] | None = Field(
         None, description=f"Up to {MAX_STOP_SEQUENCES} sequences; generation stops before the first one produced."
     )
-    echo: bool = Field(False, description="Return the prompt in front of the completion.")
-    stream: bool = Field(False, description="Server-sent events; not supported yet.")
-    stream_options: dict[str, Any] | None = Field(None, description="Only meaningful with `stream`.")
-    logprobs: int | None = Field(None, description="Not supported yet; only null is accepted.")
+    stream: bool = Field(False, description="Send the output as server-sent events, chunk by chunk.")
+    stream_options: StreamOptions | None = Field(None, description="Only meaningful with `stream`.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Not supported yet; only 0 is accepted.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Not supported yet; only 0 is accepted.")
-    best_of: int | None = Field(None, ge=1, description="Only null or a value equal to `n` is accepted.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported yet; only null or {} is accepted.")
-    suffix: str | None = Field(None, description="Not supported yet; only null or '' is accepted.")
-    user: str | None = Field(None, description="End-user id, recorded for abuse monitoring; does not change output.")
+    user: str | None = Field(
+        None, max_length=256, description="End-user id, recorded for abuse monitoring; does not change output."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -174,48 +188,20 @@ class CompletionRequest(BaseModel):
             data = {k: v for k, v in data.items() if not (v is None and k in _NULL_MEANS_DEFAULT)}
         return data
 
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _check_prompt(cls, value: Any) -> Any:
-        # Checked before pydantic's union matching so the message is one clear sentence, not one per branch.
-        if isinstance(value, str):
-            if not value:
-                raise ValueError("prompt must not be empty")
-            return value
-        if isinstance(value, list) and all(isinstance(p, str) for p in value):
-            if not value:
-                raise ValueError("prompt must not be an empty list")
-            if len(value) > MAX_PROMPTS_PER_REQUEST:
-                raise ValueError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(value)}")
-            if any(not p for p in value):
-                raise ValueError("prompt must not contain empty strings")
-            return value
-        raise ValueError("prompt must be a string or a list of strings (token-id prompts are not supported)")
-
     @field_validator("stop", mode="before")
     @classmethod
     def _check_stop(cls, value: Any) -> Any:
         if value is None or isinstance(value, str):
+            if isinstance(value, str) and len(value) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
             return value
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
             if len(value) > MAX_STOP_SEQUENCES:
                 raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(value)}")
+            if any(len(s) > MAX_STOP_CHARS for s in value):
+                raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
             return value
         raise ValueError("stop must be a string, a list of strings or null")
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("streaming is not supported by this server yet; send stream=false")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs_yet(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise ValueError("logprobs are not supported by this server yet; send null")
-        return value
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -229,6 +215,64 @@ class CompletionRequest(BaseModel):
     def _no_logit_bias_yet(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value:
             raise ValueError("logit_bias is not supported by this server yet; send null")
+        return value
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]
+
+    @property
+    def include_usage_chunk(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+
+def _check_prompt_text(text: str, what: str) -> str:
+    if len(text) > MAX_PROMPT_CHARS:
+        # Checked before tokenizing: a multi-megabyte body would otherwise cost a replica seconds of CPU.
+        raise ValueError(f"{what} is {len(text)} characters, above this server's limit of {MAX_PROMPT_CHARS}")
+    return text
+
+
+class CompletionRequest(SamplingRequest):
+    """`POST /v1/completions` body."""
+
+    prompt: str | list[str] = Field(
+        description=f"A prompt, or a list of up to {MAX_PROMPTS_PER_REQUEST} prompts; token-id prompts are not "
+        "supported."
+    )
+    echo: bool = Field(False, description="Return the prompt in front of the completion.")
+    logprobs: int | None = Field(None, description="Not supported yet; only null is accepted.")
+    best_of: int | None = Field(None, ge=1, description="Only null or a value equal to `n` is accepted.")
+    suffix: str | None = Field(None, description="Not supported yet; only null or '' is accepted.")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> Any:
+        # Checked before pydantic's union matching so the message is one clear sentence, not one per branch.
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("prompt must not be empty")
+            return _check_prompt_text(value, "prompt")
+        if isinstance(value, list) and all(isinstance(p, str) for p in value):
+            if not value:
+                raise ValueError("prompt must not be an empty list")
+            if len(value) > MAX_PROMPTS_PER_REQUEST:
+                raise ValueError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(value)}")
+            if any(not p for p in value):
+                raise ValueError("prompt must not contain empty strings")
+            for p in value:
+                _check_prompt_text(p, "a prompt")
+            return value
+        raise ValueError("prompt must be a string or a list of strings (token-id prompts are not supported)")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs_yet(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError("logprobs are not supported by this server yet; send null")
         return value
 
     @field_validator("suffix")
@@ -250,13 +294,6 @@ class CompletionRequest(BaseModel):
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
-    @property
-    def stop_sequences(self) -> list[str]:
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop
-        return [s for s in stops if s]
 
 
 class CompletionChoice(BaseModel):
@@ -296,3 +333,136 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class CompletionStreamChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (same `object` as the non-streamed response, as OpenAI)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: Usage | None = None
+
+
+# ------------------------------------------------------------------------------------------------- chat
+
+
+class TextContentPart(BaseModel):
+    """`{"type": "text", "text": ...}`: the only content part a text model can take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One turn of the conversation. Content may be a string or a list of text parts (joined)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContentPart] = Field(description="The message text, or a list of text parts.")
+    name: str | None = Field(None, max_length=64, description="Accepted and ignored, as by most open servers.")
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """`POST /v1/chat/completions` body. The conversation is rendered with the model's own chat template."""
+
+    messages: list[ChatMessage] = Field(
+        min_length=1, max_length=MAX_MESSAGES, description="The conversation so far, oldest first."
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Newer name for `max_tokens`; when both are given this one wins."
+    )
+    logprobs: bool = Field(False, description="Not supported yet; only false is accepted.")
+    top_logprobs: int | None = Field(None, description="Not supported yet; only null is accepted.")
+
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        total = sum(len(m.text) for m in value)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages hold {total} characters, above this server's limit of {MAX_PROMPT_CHARS}")
+        if not any(m.text for m in value):
+            raise ValueError("at least one message must have non-empty content")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("logprobs are not supported by this server yet; send false")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs_yet(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError("top_logprobs are not supported by this server yet; send null")
+        return value
+
+    @model_validator(mode="after")
+    def _max_completion_tokens_wins(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: Usage | None = None

@@ -13,25 +13,34 @@ Deploy it with any of::
 
     serve.run(build_app({"models": [...]}))  # from Python
 
-Routes: `GET /v1/models`, `POST /v1/completions`, `GET /health`. Every error leaves in OpenAI's shape
-(`{"error": {...}}`) so the `openai` client raises its typed exceptions; FastAPI's 422 for an invalid
-body becomes OpenAI's 400.
+Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both stream server-sent events
+with `stream: true`), `GET /health` (liveness) and `GET /ready` (readiness), and the OpenAPI document at
+`/openapi.json`. Every error leaves in OpenAI's shape (`{"error": {...}}`) so the `openai` client raises its
+typed exceptions; FastAPI's 422 for an invalid body becomes OpenAI's 400.
+
+Every request passes one ASGI middleware first: it checks the API key (when `auth.enabled`) before the body is
+read, and records the request count and latency metrics (see `serving.metrics`) once the last byte is sent.
 """
 
 # No `from __future__ import annotations` here: Serve rebuilds route signatures for the class-based view,
 # and FastAPI must see real classes (not strings) to know `body` is a JSON body, not a query parameter.
 import logging
+import time
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.api import (
     APIError,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -39,8 +48,10 @@ from serving.api import (
     from_validation_errors,
     server_error,
 )
+from serving.auth import APIKeyAuth
 from serving.config import ServeAppConfig
-from serving.service import OpenAIService
+from serving.metrics import Metrics, NullMetrics
+from serving.service import CHAT_ROUTE, COMPLETIONS_ROUTE, OpenAIService
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +63,87 @@ api = FastAPI(
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request; `error.param` names the parameter."},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key (when the server requires one)."},
     404: {"model": ErrorResponse, "description": "Unknown model."},
     500: {"model": ErrorResponse, "description": "Server error."},
 }
+_STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_ERROR_RESPONSES,
+    200: {
+        "description": "The response, or with `stream: true` server-sent events: one chunk object per "
+        "`data:` line, ending with `data: [DONE]`.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+}
+
+# Paths that answer without an API key: probes (kubelet, load balancers) and the API description.
+OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# Route label values; anything else is counted as "other" so that random URLs cannot grow the series count.
+METRIC_ROUTES = frozenset({COMPLETIONS_ROUTE, CHAT_ROUTE, "/v1/models", "/health", "/ready"})
+
+
+class _ReplicaState:
+    """What the ingress middleware needs from the replica it runs in; set by `OpenAIServer.__init__`."""
+
+    auth: APIKeyAuth = APIKeyAuth(enabled=False)
+    metrics: Metrics = NullMetrics()
+
+
+_replica = _ReplicaState()
+
+
+class EdgeMiddleware:
+    """API-key check and request metrics around every HTTP request (pure ASGI, so streams are timed to the end)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        status = 500  # what is recorded when the app fails before starting a response
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if path not in OPEN_PATHS:
+                try:
+                    _replica.auth.check(_header(scope, b"authorization"))
+                except APIError as exc:
+                    response = _error_response(exc)
+                    response.headers["WWW-Authenticate"] = "Bearer"
+                    await response(scope, receive, send_and_watch)
+                    return
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            model = scope.get("state", {}).get("model", "")
+            route = path if path in METRIC_ROUTES else "other"
+            _replica.metrics.request(model=model, route=route, status=status, latency_s=time.monotonic() - started)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+api.add_middleware(EdgeMiddleware)
+
+# Documents the Bearer scheme in the OpenAPI document; the check itself is in EdgeMiddleware, which runs before
+# the body is read (an unauthenticated client learns nothing, not even whether its JSON parsed).
+_bearer_doc = HTTPBearer(auto_error=False, description="An API key, when the server is configured to require one.")
+_AUTH_DOC = [Depends(_bearer_doc)]
 
 
 def _error_response(error: APIError) -> JSONResponse:
@@ -95,6 +184,37 @@ async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONRes
     return _error_response(server_error())
 
 
+def _event_stream(events: Any) -> StreamingResponse:
+    # X-Accel-Buffering: nginx-style ingresses would otherwise buffer the stream and deliver it at the end.
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+def _ray_metrics() -> Metrics:
+    import ray
+
+    from serving.metrics import RayMetrics
+
+    # Inside a replica Ray is always initialised; the guard keeps the class usable in a plain process.
+    return RayMetrics() if ray.is_initialized() else NullMetrics()
+
+
+def _init_replica(config: dict[str, Any]) -> OpenAIService:
+    """Set up one replica process: auth and metrics for the middleware, then the models.
+
+    A module-level function on purpose: Serve ships the ingress class to replicas by value, and state it set
+    directly would land in a copy of this module's globals that the middleware never sees.
+    """
+    cfg = ServeAppConfig.load(config)
+    # Auth first: a replica configured for keys but given none must fail to start, not serve openly.
+    _replica.auth = APIKeyAuth.from_config(cfg.auth)
+    _replica.metrics = _ray_metrics()
+    service = OpenAIService.from_config(cfg, metrics=_replica.metrics)
+    service.report_queue_depth_every(1.0)
+    return service
+
+
 # `serve.ingress(api)` freezes a copy of `api` when the class is decorated: every exception handler and
 # middleware must be registered above this line to reach the replicas.
 @serve.deployment(name="OpenAIServer")
@@ -107,7 +227,7 @@ class OpenAIServer:
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self._service = OpenAIService.from_config(ServeAppConfig.load(config))
+        self._service = _init_replica(config)
 
     def check_health(self) -> None:
         """Serve's periodic replica health check: raising marks the replica unhealthy and replaces it."""
@@ -116,16 +236,42 @@ class OpenAIServer:
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
+        """Liveness: the replica process answers."""
+        return JSONResponse(status_code=200, content={"status": "ok"} | {"models": self._service.model_names})
+
+    @api.get("/ready")
+    async def ready(self) -> JSONResponse:
+        """Readiness: every configured model is loaded and can take requests."""
         body = self._service.health()
         return JSONResponse(status_code=200 if body["status"] == "ok" else 503, content=body)
 
-    @api.get("/v1/models", response_model=ModelList, responses=_ERROR_RESPONSES)
+    @api.get("/v1/models", response_model=ModelList, responses=_ERROR_RESPONSES, dependencies=_AUTH_DOC)
     async def list_models(self) -> ModelList:
         return self._service.list_models()
 
-    @api.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
-    async def completions(self, body: CompletionRequest) -> CompletionResponse:
+    @api.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM_RESPONSES, dependencies=_AUTH_DOC)
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        self._label(request, body.model)
+        if body.stream:
+            return _event_stream(self._service.complete_stream(body))
         return await self._service.complete(body)
+
+    @api.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=_STREAM_RESPONSES,
+        dependencies=_AUTH_DOC,
+    )
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        self._label(request, body.model)
+        if body.stream:
+            return _event_stream(self._service.chat_stream(body))
+        return await self._service.chat(body)
+
+    def _label(self, request: Request, model: str) -> None:
+        # The metrics middleware reads this; only served names, so clients cannot mint new series.
+        if model in self._service.model_names:
+            request.state.model = model
 
 
 def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
@@ -135,8 +281,12 @@ def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
             "min_replicas": config.min_replicas,
             "max_replicas": config.max_replicas,
             "target_ongoing_requests": config.target_ongoing_requests,
+            "upscale_delay_s": config.upscale_delay_s,
+            "downscale_delay_s": config.downscale_delay_s,
+            "look_back_period_s": config.look_back_period_s,
         },
         "max_ongoing_requests": config.max_ongoing_requests,
+        "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,
         "ray_actor_options": {"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
     }
 

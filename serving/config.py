@@ -38,6 +38,30 @@ class ModelEntry(BaseModel):
     )
 
 
+class AuthConfig(BaseModel):
+    """API keys (OpenAI-style `Authorization: Bearer <key>`). Off by default, for the laptop demo.
+
+    Keys are read on each replica, from its environment and filesystem, never from this config: a serve
+    config file or RayService spec is not a place for secrets. On Kubernetes mount a Secret as a file (or
+    as an env var on the Ray pods); on a laptop export the variable before `ray start`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Require a valid API key on every route but /health.")
+    keys_env: str = Field(
+        "RAYTRAIN_API_KEYS", min_length=1, description="Environment variable holding comma-separated keys."
+    )
+    keys_file: str | None = Field(
+        None,
+        description="File with one key per line (blank lines and # comments ignored), e.g. a mounted Kubernetes "
+        "Secret. Re-read when it changes. When null, the file named by `keys_file_env` is used, if set.",
+    )
+    keys_file_env: str = Field(
+        "RAYTRAIN_API_KEYS_FILE", min_length=1, description="Environment variable naming the keys file."
+    )
+
+
 class ServeAppConfig(BaseModel):
     """Everything `build_app` needs: which models to serve, request limits and how replicas scale."""
 
@@ -66,6 +90,34 @@ class ServeAppConfig(BaseModel):
         gt=0,
         description="Ongoing requests per replica that the autoscaler aims for; lower scales out sooner.",
     )
+    upscale_delay_s: float = Field(
+        10.0,
+        ge=0,
+        description="How long demand must stay above target before replicas are added (Serve's default is 30).",
+    )
+    downscale_delay_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long demand must stay below target before replicas are removed (Serve's default is 600, "
+        "which keeps idle replicas for ten minutes).",
+    )
+    look_back_period_s: float = Field(
+        30.0,
+        gt=0,
+        description="Window over which the autoscaler averages ongoing requests. Keep it above the replicas' "
+        "metrics push interval (10 s unless RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S says otherwise).",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a replica being replaced (new version, downscale) may finish requests in flight.",
+    )
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        description="Most sequences the torch engine decodes together; concurrent requests join the running batch.",
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API-key authentication (off by default).")
     max_ongoing_requests: int = Field(
         16,
         ge=1,
@@ -92,7 +144,7 @@ class ServeAppConfig(BaseModel):
         ),
     )
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "auth", mode="before")
     @classmethod
     def _models_from_json(cls, value: Any) -> Any:
         # `serve run serving.app:build_app models=...` hands every argument over as a string.
@@ -100,7 +152,7 @@ class ServeAppConfig(BaseModel):
             try:
                 return json.loads(value)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"must be a list of {{name, path}} objects or a JSON string of one ({exc})") from None
+                raise ValueError(f"must be a JSON value or an object, not an unparsable string ({exc})") from None
         return value
 
     @model_validator(mode="after")
@@ -111,6 +163,11 @@ class ServeAppConfig(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"models: duplicate model name(s) {duplicates}; each name must be unique")
+        if self.max_ongoing_requests <= self.target_ongoing_requests:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be above target_ongoing_requests "
+                f"({self.target_ongoing_requests}), or the autoscaler never sees demand above its target"
+            )
         if self.device == "cuda" and self.num_gpus_per_replica <= 0:
             raise ValueError("device is 'cuda' but num_gpus_per_replica is 0: the replica would see no GPU")
         return self

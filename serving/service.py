@@ -1,57 +1,117 @@
 """Request handling for the OpenAI-compatible API, independent of HTTP and of Ray Serve.
 
-`OpenAIService` turns validated request models into responses using :class:`~serving.engine.Engine`s and
-raises :class:`~serving.api.APIError` for anything the client should hear about. Keeping it free of
-FastAPI and Serve lets it be tested with a real engine in-process, and lets chat completions, streaming,
-auth and metrics be added as methods and middleware without touching the deployment wiring in
-`serving.app`.
+`OpenAIService` turns validated request models into responses (or server-sent event streams) using
+:class:`~serving.engine.Engine`s, and raises :class:`~serving.api.APIError` for anything the client should hear
+about. Keeping it free of FastAPI and Serve lets it be tested and benchmarked with a real engine in-process.
+
+Every check that can fail a request (model, limits, context window, chat template) runs before a stream starts,
+so a bad streamed request still gets its 4xx status; a failure after the first byte is sent as a final
+`data: {"error": …}` event, as vLLM does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import threading
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from serving.api import (
     APIError,
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatDelta,
     CompletionChoice,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    CompletionStreamChoice,
     ModelCard,
     ModelList,
+    SamplingRequest,
     Usage,
     invalid_request,
     model_not_found,
     server_error,
 )
 from serving.config import ServeAppConfig
-from serving.engine import ContextWindowError, Engine, load_engine
+from serving.engine import ContextWindowError, Engine, GenerationResult, NoChatTemplateError, TextDelta, load_engine
+from serving.metrics import Metrics, NullMetrics
 
 logger = logging.getLogger(__name__)
+
+COMPLETIONS_ROUTE = "/v1/completions"
+CHAT_ROUTE = "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One choice to generate: which prompt, which choice number, and its seed."""
+
+    index: int  # the choice's index in the response
+    prompt: str
+    prefix: str  # text put in front of the completion (the prompt, for echo)
+    seed: int | None
+
+
+def sse(payload: str) -> str:
+    """One server-sent event carrying `payload` (JSON or the `[DONE]` sentinel)."""
+    return f"data: {payload}\n\n"
 
 
 class OpenAIService:
     """The models one replica serves and the rules a request must pass before it reaches an engine."""
 
-    def __init__(self, engines: Mapping[str, Engine], *, max_tokens_limit: int, created: int | None = None) -> None:
+    def __init__(
+        self,
+        engines: Mapping[str, Engine],
+        *,
+        max_tokens_limit: int,
+        created: int | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         if not engines:
             raise ValueError("OpenAIService needs at least one engine")
         self._engines = dict(engines)
         self._max_tokens_limit = max_tokens_limit
         self._created = int(time.time()) if created is None else created
+        self.metrics: Metrics = metrics or NullMetrics()
 
     @classmethod
-    def from_config(cls, config: ServeAppConfig) -> OpenAIService:
+    def from_config(cls, config: ServeAppConfig, metrics: Metrics | None = None) -> OpenAIService:
         """Load every configured model; slow (weights are read), so called once per replica."""
         engines: dict[str, Engine] = {}
         for entry in config.models:
             started = time.monotonic()
-            engines[entry.name] = load_engine(entry.path, device=config.device)
+            engines[entry.name] = load_engine(entry.path, device=config.device, max_batch_size=config.max_batch_size)
             logger.info("model %s ready from %s in %.1fs", entry.name, entry.path, time.monotonic() - started)
-        return cls(engines, max_tokens_limit=config.max_tokens_limit)
+        return cls(engines, max_tokens_limit=config.max_tokens_limit, metrics=metrics)
+
+    def report_queue_depth_every(self, interval_s: float) -> threading.Thread:
+        """Keep the queue-depth gauge fresh from a daemon thread.
+
+        Ray exports a gauge only in the report intervals where it was set, so an idle replica must keep setting it
+        (to 0) or its series goes stale in Prometheus just when someone looks at a quiet deployment.
+        """
+
+        def loop() -> None:
+            while True:
+                for name, engine in self._engines.items():
+                    self.metrics.queue_depth(model=name, depth=engine.queue_depth())
+                time.sleep(interval_s)
+
+        thread = threading.Thread(target=loop, name="queue-depth-gauge", daemon=True)
+        thread.start()
+        return thread
 
     @property
     def model_names(self) -> list[str]:
@@ -59,6 +119,9 @@ class OpenAIService:
 
     def is_healthy(self) -> bool:
         return bool(self._engines)
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok" if self.is_healthy() else "loading", "models": self.model_names}
 
     def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name, created=self._created) for name in self._engines])
@@ -69,7 +132,7 @@ class OpenAIService:
             raise model_not_found(model)
         return engine
 
-    def check_limits(self, engine: Engine, prompts: list[str], max_tokens: int) -> list[int]:
+    def check_limits(self, engine: Engine, prompts: Sequence[str], max_tokens: int) -> list[int]:
         """Reject what cannot run before any work starts; returns each prompt's token count."""
         if max_tokens > self._max_tokens_limit:
             raise invalid_request(
@@ -87,58 +150,215 @@ class OpenAIService:
                     param=param,
                     code="context_length_exceeded",
                 )
+            if n_tokens == 0:
+                raise invalid_request("The prompt encodes to no tokens.", param="prompt")
             counts.append(n_tokens)
         return counts
 
-    async def complete(self, request: CompletionRequest) -> CompletionResponse:
-        """`POST /v1/completions`: n choices per prompt, generated off the event loop one after another."""
+    # ------------------------------------------------------------------------------------ preparing work
+
+    def _completion_jobs(self, request: CompletionRequest) -> tuple[Engine, list[_Job], int]:
         engine = self.engine_for(request.model)
-        prompts = request.prompts
-        prompt_counts = self.check_limits(engine, prompts, request.max_tokens)
-        stop = request.stop_sequences
-
-        choices: list[CompletionChoice] = []
-        completion_tokens = 0
-        for prompt in prompts:
+        counts = self.check_limits(engine, request.prompts, request.max_tokens)
+        jobs = []
+        for prompt in request.prompts:
             for i in range(request.n):
+                # OpenAI numbers choices across prompts: prompt k's choices are k*n … k*n+n-1.
                 seed = None if request.seed is None else request.seed + i
-                try:
-                    result = await asyncio.to_thread(
-                        engine.generate,
-                        prompt,
-                        max_tokens=request.max_tokens,
-                        temperature=request.temperature,
-                        top_p=request.top_p,
-                        seed=seed,
-                        stop=stop,
-                    )
-                except ContextWindowError as exc:
-                    # count_tokens and generate disagreed; still the client's limit, not a server fault.
-                    raise invalid_request(str(exc), param="prompt", code="context_length_exceeded") from exc
-                except APIError:
-                    raise
-                except Exception as exc:
-                    logger.exception("generation failed for model %s", request.model)
-                    raise server_error() from exc
-                completion_tokens += result.completion_tokens
-                choices.append(
-                    CompletionChoice(
-                        # OpenAI numbers choices across prompts: prompt k's choices are k*n … k*n+n-1.
-                        index=len(choices),
-                        text=prompt + result.text if request.echo else result.text,
-                        finish_reason=result.finish_reason,
-                    )
-                )
-        prompt_tokens = sum(prompt_counts)
-        return CompletionResponse(
-            model=request.model,
-            choices=choices,
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
-        )
+                jobs.append(_Job(len(jobs), prompt, prompt if request.echo else "", seed))
+        return engine, jobs, sum(counts)
 
-    def health(self) -> dict[str, Any]:
-        return {"status": "ok" if self.is_healthy() else "loading", "models": self.model_names}
+    def _chat_jobs(self, request: ChatCompletionRequest) -> tuple[Engine, list[_Job], int]:
+        engine = self.engine_for(request.model)
+        messages = [{"role": m.role, "content": m.text} for m in request.messages]
+        try:
+            prompt = engine.apply_chat_template(messages)
+        except NoChatTemplateError:
+            raise invalid_request(
+                f"The model '{request.model}' has no chat template; use /v1/completions with it.",
+                param="model",
+                code="chat_template_missing",
+            ) from None
+        (count,) = self.check_limits(engine, [prompt], request.max_tokens)
+        seeds = [None if request.seed is None else request.seed + i for i in range(request.n)]
+        return engine, [_Job(i, prompt, "", seed) for i, seed in enumerate(seeds)], count
+
+    # --------------------------------------------------------------------------------------- generation
+
+    async def _run(
+        self,
+        engine: Engine,
+        request: SamplingRequest,
+        route: str,
+        jobs: Sequence[_Job],
+        on_delta: Callable[[int, str], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate every job at once (the engine batches them); `on_delta(index, text)` sees text as it comes."""
+        started = time.monotonic()
+        first = True
+
+        async def one(job: _Job) -> GenerationResult:
+            nonlocal first
+            try:
+                async for item in engine.stream(
+                    job.prompt,
+                    max_tokens=request.max_tokens,
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    seed=job.seed,
+                    stop=request.stop_sequences,
+                ):
+                    if first:  # first output of any choice, even an empty completion's final result
+                        first = False
+                        ttft = time.monotonic() - started
+                        self.metrics.first_token(model=request.model, route=route, ttft_s=ttft)
+                    if isinstance(item, TextDelta):
+                        if on_delta is not None:
+                            on_delta(job.index, item.text)
+                    else:
+                        return item
+            except ContextWindowError as exc:
+                # count_tokens and generate disagreed; still the client's limit, not a server fault.
+                raise invalid_request(str(exc), param="prompt", code="context_length_exceeded") from exc
+            except (APIError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                logger.exception("generation failed for model %s", request.model)
+                raise server_error() from exc
+            raise server_error("The generation ended without a result.")
+
+        results = await asyncio.gather(*(one(job) for job in jobs))
+        self.metrics.generated(model=request.model, route=route, tokens=sum(r.completion_tokens for r in results))
+        return list(results)
+
+    @staticmethod
+    def _usage(prompt_tokens: int, results: Sequence[GenerationResult]) -> Usage:
+        completion = sum(r.completion_tokens for r in results)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        """`POST /v1/completions` without streaming: every choice of every prompt generated together."""
+        engine, jobs, prompt_tokens = self._completion_jobs(request)
+        results = await self._run(engine, request, COMPLETIONS_ROUTE, jobs)
+        choices = [
+            CompletionChoice(index=job.index, text=job.prefix + r.text, finish_reason=r.finish_reason)
+            for job, r in zip(jobs, results, strict=True)
+        ]
+        return CompletionResponse(model=request.model, choices=choices, usage=self._usage(prompt_tokens, results))
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        """`POST /v1/chat/completions` without streaming."""
+        engine, jobs, prompt_tokens = self._chat_jobs(request)
+        results = await self._run(engine, request, CHAT_ROUTE, jobs)
+        choices = [
+            ChatCompletionChoice(
+                index=job.index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason
+            )
+            for job, r in zip(jobs, results, strict=True)
+        ]
+        return ChatCompletionResponse(model=request.model, choices=choices, usage=self._usage(prompt_tokens, results))
+
+    # ---------------------------------------------------------------------------------------- streaming
+
+    def complete_stream(self, request: CompletionRequest) -> AsyncIterator[str]:
+        """Validate now (raising APIError), then return the SSE stream of a completion."""
+        engine, jobs, prompt_tokens = self._completion_jobs(request)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(choices: list[CompletionStreamChoice], usage: Usage | None = None) -> str:
+            body = CompletionChunk(id=cid, created=created, model=request.model, choices=choices, usage=usage)
+            return body.model_dump_json(exclude_none=not request.include_usage_chunk)
+
+        def on_text(index: int, text: str) -> str:
+            return chunk([CompletionStreamChoice(index=index, text=text)])
+
+        def on_done(job: _Job, result: GenerationResult) -> str:
+            return chunk([CompletionStreamChoice(index=job.index, text="", finish_reason=result.finish_reason)])
+
+        def on_usage(results: Sequence[GenerationResult]) -> str:
+            return chunk([], self._usage(prompt_tokens, results))
+
+        prefixes = {job.index: job.prefix for job in jobs if job.prefix}
+        return self._stream(engine, request, COMPLETIONS_ROUTE, jobs, on_text, on_done, on_usage, prefixes)
+
+    def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+        """Validate now (raising APIError), then return the SSE stream of a chat completion."""
+        engine, jobs, prompt_tokens = self._chat_jobs(request)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        started: set[int] = set()
+
+        def chunk(choices: list[ChatCompletionStreamChoice], usage: Usage | None = None) -> str:
+            body = ChatCompletionChunk(id=cid, created=created, model=request.model, choices=choices, usage=usage)
+            data = body.model_dump(mode="json")
+            for choice in data["choices"]:
+                # OpenAI sends only the delta fields that are set: role once, then content.
+                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            if not request.include_usage_chunk:
+                data.pop("usage")
+            return json.dumps(data, ensure_ascii=False)
+
+        def on_text(index: int, text: str) -> str:
+            # The first chunk of each choice names the role, as OpenAI's do.
+            role = None if index in started else "assistant"
+            started.add(index)
+            return chunk([ChatCompletionStreamChoice(index=index, delta=ChatDelta(role=role, content=text))])
+
+        def on_done(job: _Job, result: GenerationResult) -> str:
+            role = None if job.index in started else "assistant"
+            delta = ChatDelta(role=role, content="" if role else None)
+            return chunk([ChatCompletionStreamChoice(index=job.index, delta=delta, finish_reason=result.finish_reason)])
+
+        def on_usage(results: Sequence[GenerationResult]) -> str:
+            return chunk([], self._usage(prompt_tokens, results))
+
+        return self._stream(engine, request, CHAT_ROUTE, jobs, on_text, on_done, on_usage, {})
+
+    async def _stream(
+        self,
+        engine: Engine,
+        request: SamplingRequest,
+        route: str,
+        jobs: Sequence[_Job],
+        on_text: Callable[[int, str], str],
+        on_done: Callable[[_Job, GenerationResult], str],
+        on_usage: Callable[[Sequence[GenerationResult]], str],
+        prefixes: Mapping[int, str],
+    ) -> AsyncIterator[str]:
+        events: asyncio.Queue[str | None] = asyncio.Queue()
+        for index, prefix in prefixes.items():
+            events.put_nowait(on_text(index, prefix))
+
+        async def produce() -> list[GenerationResult]:
+            try:
+                results = await self._run(
+                    engine, request, route, jobs, lambda i, text: events.put_nowait(on_text(i, text))
+                )
+                for job, result in zip(jobs, results, strict=True):
+                    events.put_nowait(on_done(job, result))
+                if request.include_usage_chunk:
+                    events.put_nowait(on_usage(results))
+                return results
+            finally:
+                events.put_nowait(None)
+
+        task = asyncio.create_task(produce())
+        try:
+            done = False
+            while not done:
+                # Send everything already queued as one write: when the client or the proxy falls behind, events
+                # coalesce instead of each paying its own trip through the replica, the proxy and the socket.
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                done = batch[-1] is None
+                text = "".join(sse(e) for e in batch if e is not None)
+                if text:
+                    yield text
+            await task  # raises what generation raised
+            yield sse("[DONE]")
+        except APIError as exc:
+            # Headers (200) are already sent: the error travels as the stream's last event.
+            yield sse(exc.to_response().model_dump_json())
+        finally:
+            if not task.done():
+                task.cancel()  # the client went away: stop generating for it

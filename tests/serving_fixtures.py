@@ -12,7 +12,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+# ChatML, as raytrain's exported tokenizers carry it (raytrain.data.tokenizer.CHAT_TEMPLATE).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 _SUBJECTS = ["the cat", "a dog", "the model", "our cluster", "the teacher", "a small robot", "the river", "my friend"]
 _VERBS = ["reads", "trains", "watches", "serves", "writes", "finds", "likes", "builds"]
@@ -29,7 +37,9 @@ def tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
     ]
 
 
-def build_tiny_model_dir(out_dir: str | Path, max_position_embeddings: int = 256, seed: int = 0) -> Path:
+def build_tiny_model_dir(
+    out_dir: str | Path, max_position_embeddings: int = 256, seed: int = 0, chat_template: bool = True
+) -> Path:
     """Write a randomly initialised 2-layer Llama + trained byte-level BPE tokenizer, as training exports them."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -49,6 +59,8 @@ def build_tiny_model_dir(out_dir: str | Path, max_position_embeddings: int = 256
     )
     bpe.train_from_iterator(tiny_corpus(seed=seed), trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    if chat_template:
+        tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out)
 
     torch.manual_seed(seed)
@@ -94,6 +106,9 @@ def serve_session(num_cpus: int = 4) -> Iterator[int]:
     if started_ray:
         # address="local" starts a fresh instance even when RAY_ADDRESS points elsewhere; no dashboard
         # because nothing here needs its REST API, and it is the slowest part of a 2-core start.
+        # Custom metrics reach the node's export port every report interval (10 s by default); 1 s keeps the
+        # Prometheus test short. Ray reads RAY_<config> variables when the local instance starts.
+        os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     client = _get_global_client(raise_if_no_controller_running=False)
     started_serve = client is None
@@ -112,3 +127,10 @@ def serve_session(num_cpus: int = 4) -> Iterator[int]:
             for key in [k for k in os.environ if k.startswith("RAY_") and k not in env_before]:
                 del os.environ[key]
             os.environ.update(env_before)
+
+
+def metrics_export_port() -> int:
+    """The port where this node's Ray metrics agent serves Prometheus text (custom and Serve metrics)."""
+    import ray
+
+    return int(ray._private.worker.global_worker.node.metrics_export_port)
