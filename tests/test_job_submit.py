@@ -66,7 +66,7 @@ def job(cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> di
     cmd = [RAY, "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO), "--",
            "python", "-m", "jobs.pipeline", "--config", "jobs/configs/tiny.yaml",
            f"storage.root={root}", f"serve.port={port}"]
-    deadline = time.time() + 180
+    deadline = time.time() + 600  # a loaded 2-core machine can take minutes to start the job agent
     while True:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
         # The jobs API answers before the head's job agent has registered; that is worth a retry.
