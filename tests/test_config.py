@@ -23,8 +23,9 @@ def test_every_recipe_validates(recipe: str) -> None:
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    spec = load_spec("demo", ["train.max_steps=7", "train.warmup_steps=2", "train.lr=1e-4", "data.source.demo.num_docs=99",
-                              "storage.root=s3://bucket/x", "train.use_gpu=true", "train.precision=fp16"])
+    spec = load_spec("demo", ["train.max_steps=7", "train.warmup_steps=2", "train.lr=1e-4",
+                              "data.source.demo.num_docs=99", "storage.root=s3://bucket/x", "train.use_gpu=true",
+                              "train.precision=fp16"])
     assert spec.train.max_steps == 7 and spec.train.lr == pytest.approx(1e-4)
     assert spec.data.source.demo.num_docs == 99
     assert spec.storage.root == "s3://bucket/x"
