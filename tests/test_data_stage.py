@@ -31,9 +31,14 @@ def _extra_sources(corpus: Path, planted: dict) -> list[str]:
     special = {*other["html_ids"], *other["junk_ids"], *(d for d, _ in other["near_duplicate_pairs"]),
                *(d for d, _ in other["exact_duplicate_pairs"]), *(e["id"] for e in other["pii"]),
                *(e["id"] for e in other["pii_decoys"])}
-    rows = [json.loads(line) for line in (corpus / "other" / other["files"][0]).read_text().splitlines()
-            if line.startswith("{")]
-    prose = [r["text"] for r in rows if isinstance(r.get("text"), str) and r["id"] not in special][:5]
+    prose = []
+    for line in (corpus / "other" / other["files"][0]).read_bytes().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # the planted malformed rows
+            continue
+        if isinstance(row.get("text"), str) and row["id"] not in special and len(prose) < 5:
+            prose.append(row["text"])
     extra = corpus / "extra"
     extra.mkdir()
     (extra / "a.txt").write_text(prose[0])

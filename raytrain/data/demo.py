@@ -509,16 +509,32 @@ class _Topic:
 _TOPIC_LIST = [_Topic(name, spec) for name, spec in _TOPICS.items()]
 
 
-def _fill(template: _Template, topic: _Topic, ctx: dict[str, str], rng: random.Random) -> str:
+def _fill(template: _Template, topic: _Topic, ctx: dict[str, str], rng: random.Random,
+          used: set[str] | None = None, focus_budget: list[int] | None = None) -> str:
     out = []
     pools = topic.pools
     rand = rng.random  # pool[int(rand() * len(pool))]: a uniform pick, faster than rng.choice
     for text, is_slot in template:
         if is_slot:
             value = ctx.get(text)
+            if text == "focus" and focus_budget is not None:
+                # Name the subject a bounded number of times, as a writer would: a short article
+                # saying "the mountain village" twenty times fails Gopher's top-n-gram rule.
+                focus_budget[0] -= 1
+                if focus_budget[0] < 0:
+                    value = None
+                    text = "thing"
             if value is None:
                 pool = pools[text]
                 value = pool[int(rand() * len(pool))]
+                if used is not None:
+                    # Real prose rarely repeats a phrase within one article: Gopher's repetition
+                    # rules (duplicate 5- to 10-grams) would rightly remove text that did.
+                    for _ in range(6):
+                        if value not in used:
+                            break
+                        value = pool[int(rand() * len(pool))]
+                    used.add(value)
             out.append(value)
         else:
             out.append(text)
@@ -546,7 +562,27 @@ def _slug(text: str) -> str:
 
 
 def _make_prose(rng: random.Random, min_words: int = 85, max_words: int = 330) -> _Doc:
-    """One article: a title and paragraphs of 3-6 sentences, about one subject of one topic."""
+    """One article: a title and paragraphs of 3-6 sentences, about one subject of one topic.
+
+    A template grammar repeats itself more than a writer does; the few drafts that break Gopher's
+    repetition rules (published thresholds) are drawn again, so clean prose is clean by those rules.
+    """
+    from raytrain.config.schema import GopherRepetitionSpec
+    from raytrain.data.filters import gopher_repetition
+
+    spec = _REPETITION_SPEC or GopherRepetitionSpec()
+    for _ in range(8):
+        doc = _draft_prose(rng, min_words, max_words)
+        body = "\n\n".join(doc.paragraphs)
+        if not gopher_repetition(body, spec) and not gopher_repetition(f"{doc.title}\n\n{body}", spec):
+            break
+    return doc
+
+
+_REPETITION_SPEC = None
+
+
+def _draft_prose(rng: random.Random, min_words: int, max_words: int) -> _Doc:
     topic = rng.choice(_TOPIC_LIST)
     focus = rng.choice(topic.pools["focus"])
     adj = rng.choice(topic.pools["adj"])
@@ -554,15 +590,23 @@ def _make_prose(rng: random.Random, min_words: int = 85, max_words: int = 330) -
     title = _fill(rng.choice(topic.titles), topic, ctx, rng)
     target = rng.randint(min_words, max_words)
     used: set[str] = set()
+    phrases: set[str] = set()
+    templates = list(range(len(topic.body)))
+    rng.shuffle(templates)  # each sentence template at most once per document, until they run out
     paragraphs: list[str] = []
-    intro = _fill(rng.choice(topic.intro), topic, ctx, rng)
+    budget = [max(2, target // 30)]
+    intro = _fill(rng.choice(topic.intro), topic, ctx, rng, phrases, budget)
     sentences = [intro]
     n_words = intro.count(" ") + 1
     while n_words < target:
         k = rng.randint(3, 6)
         while len(sentences) < k and n_words < target:
+            if not templates:
+                templates = list(range(len(topic.body)))
+                rng.shuffle(templates)
             for _attempt in range(4):  # avoid repeating a sentence within one document
-                s = _fill(rng.choice(topic.body), topic, ctx, rng)
+                s = _fill(topic.body[templates.pop() if templates else rng.randrange(len(topic.body))],
+                          topic, ctx, rng, phrases, budget)
                 if s not in used:
                     break
             used.add(s)
@@ -574,7 +618,7 @@ def _make_prose(rng: random.Random, min_words: int = 85, max_words: int = 330) -
             paragraphs.append(" ".join(sentences))
         sentences = []
     if rng.random() < 0.5:
-        paragraphs[-1] += " " + _fill(rng.choice(topic.closing), topic, ctx, rng)
+        paragraphs[-1] += " " + _fill(rng.choice(topic.closing), topic, ctx, rng, phrases, [1])
     url = f"https://{rng.choice(topic.domains)}/{topic.name}/{_slug(title)}-{rng.randint(100, 99999)}"
     return _Doc(topic, title, paragraphs, url)
 
@@ -911,9 +955,80 @@ def generate_demo_corpus(out_dir: str | Path, num_docs: int = 1500, seed: int = 
         "junk_by_kind": junk_by_kind,
         "html_ids": truth["html"],
         "malformed_rows": truth["malformed"],
+        "pii": truth["pii"],
+        "pii_decoys": truth["pii_decoys"],
     }
     (out / "planted.json").write_text(json.dumps(planted, indent=1) + "\n", encoding="utf-8")
     return planted
+
+
+_PII_FRACTION = 0.08  # of clean documents: one planted PII sentence each
+_DECOY_FRACTION = 0.03  # of clean documents: a Luhn-invalid 16-digit number that is not a card
+_PII_TEMPLATES = {
+    "email": ["For questions about this article, write to {v} and we will reply within a week.",
+              "Readers can send their own stories to {v} at any time."],
+    "phone": ["You can reach the editorial office on {v} during normal working hours.",
+              "To book a place, call {v} and ask for the events team."],
+    "ip_address": ["The archive server at {v} keeps a copy of every past issue.",
+                   "Our logs showed repeated requests from {v} during the night."],
+    "credit_card": ["One reader wrote that the card {v} was charged twice for the same order.",
+                    "The receipt showed the card number {v} in full, which should never happen."],
+}
+
+
+def _luhn_complete(prefix: str, length: int, rng: random.Random, valid: bool = True) -> str:
+    body = prefix + "".join(str(rng.randrange(10)) for _ in range(length - len(prefix) - 1))
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        d = int(ch)
+        if i % 2 == 0:  # these positions are doubled once the check digit is appended
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    check = (10 - total % 10) % 10
+    if not valid:
+        check = (check + 1 + rng.randrange(9)) % 10
+    return body + str(check)
+
+
+def _pii_value(kind: str, rng: random.Random) -> str:
+    if kind == "email":
+        first, last = rng.choice(_AUTHORS).lower().replace("'", "").replace("á", "a").split(" ", 1)
+        domain = rng.choice(["example.org", "mail.example.com", "post.example.net"])
+        return f"{first}.{last}{rng.randint(1, 99)}@{domain}"
+    if kind == "phone":
+        a, b, c = rng.randint(201, 989), rng.randint(200, 999), rng.randint(0, 9999)
+        return rng.choice([f"({a}) {b}-{c:04d}", f"{a}-{b}-{c:04d}", f"+1 {a} {b} {c:04d}",
+                           f"+44 20 {rng.randint(7000, 8999)} {c:04d}"])
+    if kind == "ip_address":
+        if rng.random() < 0.25:
+            groups = ":".join(f"{rng.getrandbits(16):x}" for _ in range(3))
+            return f"2001:db8:{groups}::{rng.getrandbits(16):x}"
+        return ".".join(str(rng.randint(1, 254)) for _ in range(4))
+    number = rng.choice([_luhn_complete("4", 16, rng), _luhn_complete(str(rng.randint(51, 55)), 16, rng)])
+    return rng.choice([number, " ".join(number[i:i + 4] for i in range(0, 16, 4)),
+                       "-".join(number[i:i + 4] for i in range(0, 16, 4))])
+
+
+def _plant_pii(text: str, doc_id: str, rng: random.Random, truth: dict[str, list]) -> str:
+    """Append one sentence carrying PII (or a decoy number) to the last paragraph of some documents."""
+    r = rng.random()
+    if r < _PII_FRACTION:
+        kind = rng.choice(list(_PII_TEMPLATES))
+        value = _pii_value(kind, rng)
+        truth["pii"].append({"id": doc_id, "kind": kind, "value": value})
+        return f"{text} {rng.choice(_PII_TEMPLATES[kind]).format(v=value)}"
+    if r < _PII_FRACTION + _DECOY_FRACTION:
+        value = _luhn_complete("4", 16, rng, valid=False)
+        truth["pii_decoys"].append({"id": doc_id, "value": value})
+        return f"{text} The parcel tracking number {value} was printed on the label."
+    return text
+
+
+def _copied_pii(text: str, src_id: str, doc_id: str, truth: dict[str, list]) -> None:
+    """Copies carry their source's PII: record what survived the copy's edits verbatim."""
+    for entry in [e for e in truth["pii"] if e["id"] == src_id]:
+        if entry["value"] in text:
+            truth["pii"].append({"id": doc_id, "kind": entry["kind"], "value": entry["value"]})
 
 
 def _write_rows(rng: random.Random, plan: bytearray, names: list[str], files: list[BinaryIO]) -> dict[str, list]:
@@ -922,7 +1037,10 @@ def _write_rows(rng: random.Random, plan: bytearray, names: list[str], files: li
     lines_in = [0] * n_shards
     reservoir: list[tuple[str, str, str]] = []  # (id, url, text) of earlier clean documents
     n_clean = 0
-    truth: dict[str, list] = {"exact": [], "near": [], "junk": [], "html": [], "malformed": []}
+    truth: dict[str, list] = {"exact": [], "near": [], "junk": [], "html": [], "malformed": [], "pii": [],
+                              "pii_decoys": []}
+    # PII draws from its own generator (seeded from the main one), so the prose does not depend on it.
+    pii_rng = random.Random(rng.getrandbits(64))
     malformed_kind = {code: kind for kind, code in _MALFORMED_CODE.items()}
 
     def dumps(doc_id: str, url: str, text: str) -> bytes:
@@ -933,6 +1051,7 @@ def _write_rows(rng: random.Random, plan: bytearray, names: list[str], files: li
         if code == _CLEAN:
             doc = _make_prose(rng)
             text = _plain_text(doc, rng)
+            text = _plant_pii(text, doc_id, pii_rng, truth)
             line = dumps(doc_id, doc.url, text)
             n_clean += 1
             if len(reservoir) < _RESERVOIR:
@@ -953,11 +1072,14 @@ def _write_rows(rng: random.Random, plan: bytearray, names: list[str], files: li
                                   f"{src_url}/amp", f"https://archive.example.org/web/{path}"])
                 line = dumps(doc_id, url, src_text)
                 truth["exact"].append([doc_id, src_id])
+                _copied_pii(src_text, src_id, doc_id, truth)
             else:
                 host = f"{rng.choice(['news', 'feeds', 'reader', 'digest'])}{rng.randint(1, 999)}.example.com"
                 url = f"https://{host}/{path}"
-                line = dumps(doc_id, url, _near_duplicate(src_text, rng))
+                near = _near_duplicate(src_text, rng)
+                line = dumps(doc_id, url, near)
                 truth["near"].append([doc_id, src_id])
+                _copied_pii(near, src_id, doc_id, truth)
         elif code == _JUNK:
             kind = rng.choice(_JUNK_KINDS)
             url, text = _junk(rng, kind)

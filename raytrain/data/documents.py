@@ -7,6 +7,7 @@ filter that removed it) or ``quarantined`` (with what was malformed) — so the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -14,7 +15,9 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from raytrain.config.schema import FilterSpec
+from raytrain.config.schema import DecontaminationSpec, FilterSpec, PIISpec
+from raytrain.data import decontam, pii
+from raytrain.data import filters as rules
 
 KEPT, REMOVED, QUARANTINED = "kept", "removed", "quarantined"
 
@@ -37,6 +40,7 @@ class Annotated:
     line: int
     hash: str
     raw: bytes
+    pii: tuple[int, ...] = (0, 0, 0, 0)  # redactions per kind, in pii.KINDS order
 
     def as_dict(self) -> dict[str, Any]:
         return {c: getattr(self, c) for c in COLUMNS}
@@ -86,29 +90,72 @@ def dedup_key(text: str) -> str:
     return hashlib.blake2b(canon.encode("utf-8"), digest_size=16).hexdigest()
 
 
+class Curator:
+    """The per-document filters of one spec, with their lists, patterns and models loaded once.
+
+    Order follows FineWeb's pipeline, cheapest first: URL blocklist (before extraction), then on the
+    extracted text language ID, Gopher repetition, Gopher quality, C4 (which edits lines), FineWeb,
+    bad words and decontamination; PII is redacted in documents that pass.
+    """
+
+    def __init__(self, spec: FilterSpec, pii_spec: PIISpec | None = None,
+                 decontamination: DecontaminationSpec | None = None) -> None:
+        self.spec = spec
+        self.pii = pii_spec or PIISpec(enabled=False)
+        bl = spec.url_blocklist
+        self.blocked = rules.blocklist_domains(bl, rules.read_list_file(bl.path)) if bl.enabled else frozenset()
+        self.blocked_substrings = tuple(s.lower() for s in bl.url_substrings) if bl.enabled else ()
+        bw = spec.bad_words
+        self.bad_words = rules.bad_words_pattern([*bw.words, *rules.read_list_file(bw.path)]) if bw.enabled \
+            else None
+        self.decontam_n = decontamination.ngram if decontamination else 13
+        self.eval_grams = (decontam.eval_ngrams(tuple(decontamination.eval_paths), decontamination.ngram)
+                           if decontamination and decontamination.eval_paths else frozenset())
+
+    def url_reason(self, url: str) -> str:
+        if not self.blocked and not self.blocked_substrings:
+            return ""
+        return rules.url_blocked(url, self.blocked, self.blocked_substrings)
+
+    def text_reason(self, text: str) -> tuple[str, str]:
+        """(text after line edits, first rule broken or "")."""
+        f = self.spec
+        if f.language.enabled and (r := rules.language(text, f.language)):
+            return text, r
+        if f.gopher_repetition.enabled and (r := rules.gopher_repetition(text, f.gopher_repetition)):
+            return text, r
+        if f.gopher_quality.enabled and (r := rules.gopher_quality(text, f.gopher_quality)):
+            return text, r
+        if f.c4.enabled:
+            text, r = rules.c4_filter(text, f.c4)
+            if r:
+                return text, r
+        if f.fineweb.enabled and (r := rules.fineweb(text, f.fineweb)):
+            return text, r
+        if f.bad_words.enabled and (r := rules.bad_words(text, self.bad_words, f.bad_words)):
+            return text, r
+        if self.eval_grams and decontam.contaminated(text, self.eval_grams, self.decontam_n):
+            return text, "decontaminated"
+        return text, ""
+
+    def redact(self, text: str) -> tuple[str, tuple[int, ...]]:
+        if not self.pii.enabled:
+            return text, (0, 0, 0, 0)
+        text, counts = pii.redact(text, self.pii)
+        return text, tuple(counts[k] for k in pii.KINDS)
+
+
+@functools.lru_cache(maxsize=8)
+def curator_for(filters_json: str, pii_json: str = "", decontam_json: str = "") -> Curator:
+    """One Curator per distinct spec per worker process (lists and models load once)."""
+    return Curator(FilterSpec.model_validate_json(filters_json),
+                   PIISpec.model_validate_json(pii_json) if pii_json else None,
+                   DecontaminationSpec.model_validate_json(decontam_json) if decontam_json else None)
+
+
 def quality_reason(text: str, spec: FilterSpec) -> str:
-    """The first quality rule the text breaks ("" when it passes). Gopher-style rules."""
-    words = text.split()
-    n = len(words)
-    if n < spec.min_words:
-        return "too_short"
-    if n > spec.max_words:
-        return "too_long"
-    mean_len = sum(len(w) for w in words) / n
-    if mean_len < spec.min_mean_word_length or mean_len > spec.max_mean_word_length:
-        return "mean_word_length"
-    alpha = sum(1 for w in words if any(c.isalpha() for c in w))
-    if alpha / n < spec.min_alpha_words_fraction:
-        return "not_enough_alpha_words"
-    symbols = text.count("#") + text.count("...") + text.count("…")
-    if symbols / n > spec.max_symbol_word_ratio:
-        return "symbol_ratio"
-    lines = [ln for ln in text.split("\n") if ln.strip()]
-    if lines:
-        dup = len(lines) - len(set(lines))
-        if dup / len(lines) > spec.max_duplicate_line_fraction:
-            return "duplicate_lines"
-    return ""
+    """The first filter rule the (normalized) text breaks ("" when it passes)."""
+    return curator_for(spec.model_dump_json()).text_reason(text)[1]
 
 
 def annotate(
@@ -124,8 +171,10 @@ def annotate(
     filters: FilterSpec,
     extract: bool,
     quarantine_sample_bytes: int,
+    curator: Curator | None = None,
 ) -> Annotated:
     """Curate one row. Never raises on bad input: a malformed row is quarantined with its reason."""
+    curator = curator or curator_for(filters.model_dump_json())
     fallback_id = f"{source}:{line}"
 
     def quarantine(reason: str) -> Annotated:
@@ -147,6 +196,9 @@ def annotate(
     def removed(reason: str, body: str) -> Annotated:
         return Annotated(doc_id, url, body, REMOVED, reason, source, line, "", b"")
 
+    if reason := curator.url_reason(url):
+        return removed(reason, text)
+
     if extract and looks_like_html(text):
         try:
             extracted = extract_html(text)
@@ -159,10 +211,11 @@ def annotate(
     text = normalize(text)
     if not text:
         return removed("empty_text", text)
-    reason = quality_reason(text, filters)
+    text, reason = curator.text_reason(text)
     if reason:
         return removed(reason, text)
-    return Annotated(doc_id, url, text, KEPT, "", source, line, dedup_key(text), b"")
+    text, found = curator.redact(text)
+    return Annotated(doc_id, url, text, KEPT, "", source, line, dedup_key(text), b"", found)
 
 
 def split_of(key: str, val_fraction: float, test_fraction: float, salt: str) -> str:

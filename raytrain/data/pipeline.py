@@ -8,6 +8,7 @@ than the cluster's memory passes through, and each step re-reads instead of re-c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -17,13 +18,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raytrain import storage
 from raytrain.config.loader import dump_spec
-from raytrain.config.schema import JobSpec
+from raytrain.config.schema import DataSpec, JobSpec
 from raytrain.data import documents as docs
-from raytrain.data.readers import read_jsonl_lines
+from raytrain.data import minhash
+from raytrain.data.pii import KINDS as PII_KINDS
+from raytrain.data.readers import format_of, read_raw_rows
+from raytrain.data.report import write_report_md
 from raytrain.errors import StageInputError
 
 log = logging.getLogger(__name__)
@@ -41,17 +47,34 @@ ANNOTATED_SCHEMA = pa.schema(
         ("hash", pa.string()),
         ("raw", pa.large_binary()),
         ("split", pa.string()),
+        ("uid", pa.int64()),
+        ("dup_of", pa.int64()),
+        *[(f"pii_{k}", pa.int32()) for k in PII_KINDS],
     ]
 )
 
 
-def annotate_batch(batch: pa.Table, spec_json: dict[str, Any], kind: str) -> pa.Table:
-    """Ray Data UDF: raw rows (JSONL bytes or Parquet records) -> one annotated row each."""
-    from raytrain.config.schema import DataSpec
+def doc_uid(source: str, line: int, doc_id: str, text_hash: str, rank: int | None) -> int:
+    """A 64-bit id of one row, the key of fuzzy dedup's clusters, whose smallest member is kept.
 
-    spec = DataSpec.model_validate(spec_json)
+    Rows with a line number (JSONL, text, HTML, WARC) get (rank of their file << 40) | line: unique,
+    and in input order, so a cluster keeps its earliest document as exact dedup does. Parquet rows
+    (no row number) get a hash above every such id.
+    """
+    if rank is not None and line >= 0:
+        return (rank << 40) | line
+    h = hashlib.blake2b(f"{source}\0{line}\0{doc_id}\0{text_hash}".encode(), digest_size=8).digest()
+    return (1 << 62) | (int.from_bytes(h, "big") & ((1 << 62) - 1))
+
+
+def annotate_batch(batch: pa.Table, spec_json: dict[str, Any], kind: str,
+                   ranks: dict[str, int] | None = None) -> pa.Table:
+    """Ray Data UDF: raw rows (JSONL bytes or Parquet records) -> one annotated row each."""
+    spec = _spec_of(json.dumps(spec_json, sort_keys=True))
+    curator = docs.curator_for(spec.filters.model_dump_json(), spec.pii.model_dump_json(),
+                               spec.decontamination.model_dump_json())
     src = spec.source
-    out: dict[str, list[Any]] = {c: [] for c in docs.COLUMNS}
+    out: dict[str, list[Any]] = {c: [] for c in docs.COLUMNS} | {f"pii_{k}": [] for k in PII_KINDS} | {"uid": []}
     if kind == "jsonl":
         rows = zip(batch.column("raw").to_pylist(), batch.column("source").to_pylist(),
                    batch.column("line").to_pylist(), strict=True)
@@ -68,12 +91,21 @@ def annotate_batch(batch: pa.Table, spec_json: dict[str, Any], kind: str) -> pa.
             record, error, raw=raw, source=source, line=line,
             text_field=src.text_field, id_field=src.id_field, url_field=src.url_field,
             filters=spec.filters, extract=spec.extract_html,
-            quarantine_sample_bytes=spec.quarantine_sample_bytes,
+            quarantine_sample_bytes=spec.quarantine_sample_bytes, curator=curator,
         )
         for c in docs.COLUMNS:
             out[c].append(getattr(a, c))
+        for k, v in zip(PII_KINDS, a.pii, strict=True):
+            out[f"pii_{k}"].append(v)
+        out["uid"].append(doc_uid(a.source, a.line, a.doc_id, a.hash, (ranks or {}).get(a.source)))
     out["split"] = [""] * len(out["doc_id"])  # set for kept documents after dedup
+    out["dup_of"] = [0] * len(out["doc_id"])
     return pa.table(out, schema=ANNOTATED_SCHEMA)
+
+
+@functools.lru_cache(maxsize=4)
+def _spec_of(spec_json: str) -> DataSpec:
+    return DataSpec.model_validate_json(spec_json)
 
 
 def mark_exact_duplicates(group: pa.Table) -> pa.Table:
@@ -112,15 +144,58 @@ def _input_paths(spec: JobSpec, layout: storage.Layout) -> list[str]:
     return [storage.join(raw, name) for name in planted["files"]]
 
 
-def _read_raw(spec: JobSpec, paths: list[str]):
-    import ray.data
+def expand_inputs(paths: list[str], fmt: str) -> tuple[dict[str, list[str]], list[str]]:
+    """Files per format under `paths` (directories walked recursively) and the files of unknown type."""
+    import pyarrow.fs as pafs
 
-    fmt = spec.data.source.format
-    files_are_jsonl = fmt == "jsonl" or (fmt == "auto" and not any(p.endswith(".parquet") for p in paths))
-    if files_are_jsonl:
-        return read_jsonl_lines(paths), "jsonl"
-    # Parquet rows have no line number; `source` (the file) identifies them, `line` is -1.
-    return ray.data.read_parquet(paths, include_paths=True), "parquet"
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    skipped: list[str] = []
+    for path in paths:
+        fs, p = storage.filesystem(path)
+        info = fs.get_file_info(p)
+        if info.type == pafs.FileType.Directory:
+            files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))
+                           if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
+            files = [_with_scheme(path, p, f) for f in files]
+        else:
+            files = [path]
+        for f in files:
+            kind = fmt if fmt != "auto" else format_of(f)
+            if kind is None:
+                skipped.append(f)
+            else:
+                by_kind[kind].append(f)
+    return dict(by_kind), skipped
+
+
+def _source_name(path: str) -> str:
+    """The path as Ray's file datasources report it in rows (no URI scheme)."""
+    return storage.filesystem(path)[1]
+
+
+def _with_scheme(original: str, stripped: str, found: str) -> str:
+    """A path found under a directory, in the form the user gave the directory (keeps s3:// etc.)."""
+    return original.rstrip("/") + found[len(stripped.rstrip("/")):] if original != stripped else found
+
+
+def _annotated(spec: JobSpec, by_kind: dict[str, list[str]]):
+    """All inputs as one dataset of annotated rows: one map per input format, then a union."""
+    spec_json = spec.data.model_dump(mode="json")
+    all_files = sorted(f for files in by_kind.values() for f in files)
+    parts = []
+    for kind, files in sorted(by_kind.items()):
+        if kind == "parquet":
+            import ray.data
+
+            raw, mode = ray.data.read_parquet(files, include_paths=True), "parquet"
+        else:
+            raw, mode = read_raw_rows(kind, files), "jsonl"
+        ranks = {_source_name(f): i for i, f in enumerate(all_files) if f in files}
+        parts.append(raw.map_batches(annotate_batch, fn_args=(spec_json, mode, ranks), batch_format="pyarrow",
+                                     batch_size=256))
+    if not parts:
+        raise StageInputError(f"no readable input files in {spec.data.source.paths}")
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def _file_entries(path: str) -> list[dict[str, Any]]:
@@ -188,6 +263,181 @@ def split_sums(batch: pa.Table) -> pa.Table:
                      "documents": [acc[k][2] for k in keys]})
 
 
+STAGE_ORDER = ("url_blocklist", "html_no_content", "empty_text", "language", "gopher_repetition", "gopher_quality",
+               "c4", "fineweb", "bad_words", "decontaminated", "exact_duplicate", "fuzzy_duplicate")
+
+
+def removed_by_stage(removed: dict[str, int]) -> dict[str, int]:
+    """Removal counts per stage (the part of a reason before ':'), in pipeline order."""
+    by_stage: dict[str, int] = defaultdict(int)
+    for reason, n in removed.items():
+        by_stage[reason.split(":", 1)[0]] += n
+    order = {s: i for i, s in enumerate(STAGE_ORDER)}
+    return dict(sorted(by_stage.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+@functools.lru_cache(maxsize=4)
+def _hasher(num_bands: int, rows_per_band: int, ngram: int, seed: int) -> minhash.MinHasher:
+    return minhash.MinHasher(num_bands, rows_per_band, ngram, seed)
+
+
+def band_rows(batch: pa.Table, fz: dict[str, Any], parts: int) -> pa.Table:
+    """map_batches UDF: one row per (document, band): the band's bucket key, the document uid and a partition."""
+    hasher = _hasher(fz["num_bands"], fz["rows_per_band"], fz["ngram"], fz["seed"])
+    uids = batch.column("uid").to_numpy()
+    keys = hasher.band_keys(hasher.signatures(batch.column("text").to_pylist()))  # (docs, bands)
+    flat = keys.reshape(-1)
+    return pa.table({"key": flat, "uid": np.repeat(uids, hasher.num_bands),
+                     "part": (flat.view(np.uint64) % np.uint64(parts)).astype(np.int32)})
+
+
+def partition_edges(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """map_groups UDF over one hash partition of band rows: candidate pairs of every bucket in it."""
+    keys, uids = np.asarray(group["key"], dtype=np.int64), np.asarray(group["uid"], dtype=np.int64)
+    a, b = minhash.bucket_edges(keys, uids)
+    return {"a": a, "b": b}
+
+
+def mark_fuzzy(batch: pa.Table, clusters: Any) -> pa.Table:
+    """map_batches UDF: documents whose uid is a non-kept cluster member become 'fuzzy_duplicate'."""
+    import ray
+
+    removed, keep = ray.get(clusters) if isinstance(clusters, ray.ObjectRef) else clusters
+    uids = batch.column("uid").to_numpy()
+    if not len(removed) or not batch.num_rows:
+        return batch
+    pos = np.clip(np.searchsorted(removed, uids), 0, len(removed) - 1)
+    hit = removed[pos] == uids
+    if not hit.any():
+        return batch
+    status = np.where(hit, docs.REMOVED, np.asarray(batch.column("status").to_pylist(), dtype=object))
+    reason = np.where(hit, "fuzzy_duplicate", np.asarray(batch.column("reason").to_pylist(), dtype=object))
+    dup_of = np.where(hit, keep[pos], batch.column("dup_of").to_numpy())
+    for name, values, typ in (("status", status, pa.string()), ("reason", reason, pa.string()),
+                              ("dup_of", dup_of, pa.int64())):
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values.tolist(), typ))
+    return batch
+
+
+def fuzzy_dedup(ds, d: DataSpec):
+    """MinHash LSH over `ds` as Ray Data operations; returns (ds with near duplicates marked, statistics).
+
+    Signatures and band keys: map_batches. Bucket join: a hash shuffle (groupby) on a partition of the
+    band key; every partition groups its rows by key in one vectorized sort. Only candidate pairs (16
+    bytes each) reach the driver, which joins them into clusters: its memory is bounded by the number of
+    pairs (fuzzy_dedup.max_pairs), not by the corpus. Each cluster keeps its smallest uid.
+    """
+    import ray
+
+    fz = d.fuzzy_dedup
+    n_docs = ds.count()
+    parts = max(_shuffle_partitions(), n_docs * fz.num_bands // 500_000 + 1)
+    rows = ds.select_columns(["uid", "text"]).map_batches(band_rows, fn_args=(fz.model_dump(), parts),
+                                                          batch_format="pyarrow", batch_size=256)
+    edges = rows.groupby("part", num_partitions=min(parts, _shuffle_partitions() * 4)).map_groups(
+        partition_edges, batch_format="numpy")
+    a_parts, b_parts, n_pairs = [], [], 0
+    for batch in edges.iter_batches(batch_format="numpy", batch_size=None):
+        a_parts.append(np.asarray(batch["a"], dtype=np.int64))
+        b_parts.append(np.asarray(batch["b"], dtype=np.int64))
+        n_pairs += len(a_parts[-1])
+        if n_pairs > fz.max_pairs:
+            raise StageInputError(f"fuzzy dedup found more than data.fuzzy_dedup.max_pairs={fz.max_pairs} "
+                                  "candidate pairs; raise it (16 bytes each on the driver) or check the corpus")
+    a = np.concatenate(a_parts) if a_parts else np.empty(0, np.int64)
+    b = np.concatenate(b_parts) if b_parts else np.empty(0, np.int64)
+    removed, keep = minhash.duplicates_to_remove(a, b)
+    order = np.argsort(removed)
+    removed, keep = removed[order], keep[order]
+    stats = {"enabled": True, "documents": n_docs, "candidate_pairs": len(a),
+             "clusters": len(np.unique(keep)), "removed": len(removed), "bands": fz.num_bands,
+             "rows_per_band": fz.rows_per_band, "ngram": fz.ngram, "shuffle_partitions": parts}
+    log.info("fuzzy dedup: %d documents, %d candidate pairs, %d clusters, %d near duplicates removed",
+             n_docs, len(a), stats["clusters"], len(removed))
+    return ds.map_batches(mark_fuzzy, fn_args=(ray.put((removed, keep)),), batch_format="pyarrow"), stats
+
+
+def _column_sums(batch: pa.Table) -> pa.Table:
+    return pa.table({c: [int(pc.sum(batch.column(c)).as_py() or 0)] for c in batch.column_names})
+
+
+def curate(spec: JobSpec) -> dict[str, Any]:
+    """Passes 1-3 of the data stage: annotate, dedup + split, accounting. Writes documents/, removed/,
+    quarantine/ under datasets/<name>/ and returns the counts (the benchmark times this part alone)."""
+    import ray.data
+
+    t0 = time.time()
+    d = spec.data
+    layout = storage.Layout(spec.storage.root)
+    out = layout.dataset(d.name)
+    stage = storage.join(out, "_stage")
+    for sub in (*SPLITS, "removed", "quarantine", "documents", "_stage"):
+        storage.remove_tree(storage.join(out, sub))
+    paths = _input_paths(spec, layout)
+    by_kind, skipped = expand_inputs(paths, d.source.format if d.source.kind == "files" else "auto")
+    log.info("data stage: reading %s (%s)", paths, {k: len(v) for k, v in by_kind.items()})
+    if skipped:
+        log.warning("skipping %d files of unknown type, e.g. %s", len(skipped), skipped[:3])
+
+    # 1. Annotate every row (kept / removed / quarantined), partitioned by status.
+    annotated = _annotated(spec, by_kind)
+    annotated.write_parquet(storage.join(stage, "annotated"), partition_cols=["status"])
+    _move_partition(storage.join(stage, "annotated"), "status=removed", storage.join(out, "removed"))
+    _move_partition(storage.join(stage, "annotated"), "status=quarantined", storage.join(out, "quarantine"))
+
+    # 2. Exact dedup (a distributed shuffle on the text hash), fuzzy dedup (MinHash LSH), the stable split.
+    fuzzy_stats: dict[str, Any] = {"enabled": d.fuzzy_dedup.enabled}
+    kept_dir = storage.join(stage, "annotated", "status=kept")
+    if storage.exists(kept_dir):
+        kept = ray.data.read_parquet(kept_dir)
+        kept = kept.map_batches(_with_status, fn_args=(docs.KEPT,), batch_format="pyarrow")
+        if d.exact_dedup:
+            kept = kept.groupby("hash", num_partitions=_shuffle_partitions()).map_groups(
+                mark_exact_duplicates, batch_format="pyarrow")
+        kept.write_parquet(storage.join(stage, "exact"), partition_cols=["status"])
+        _move_partition(storage.join(stage, "exact"), "status=removed", storage.join(out, "removed"))
+    unique_dir = storage.join(stage, "exact", "status=kept")
+    if storage.exists(unique_dir):
+        unique = ray.data.read_parquet(unique_dir).map_batches(_with_status, fn_args=(docs.KEPT,),
+                                                               batch_format="pyarrow")
+        if d.fuzzy_dedup.enabled:
+            unique, fuzzy_stats = fuzzy_dedup(unique, d)
+        unique = unique.map_batches(add_split, fn_args=(d.split.val_fraction, d.split.test_fraction, d.split.salt),
+                                    batch_format="pyarrow")
+        unique.write_parquet(storage.join(stage, "curated"), partition_cols=["status"])
+        _move_partition(storage.join(stage, "curated"), "status=kept", storage.join(out, "documents"))
+        _move_partition(storage.join(stage, "curated"), "status=removed", storage.join(out, "removed"))
+    if not storage.exists(storage.join(out, "documents")):
+        raise StageInputError(f"data stage kept no documents from {paths}; see {out}/removed and {out}/quarantine")
+
+    # 3. Accounting: every row read is exactly one of kept / removed (by reason) / quarantined (by reason).
+    counts: dict[str, dict[str, int]] = {docs.REMOVED: defaultdict(int), docs.QUARANTINED: defaultdict(int)}
+    samples: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for sub, status, body in (("removed", docs.REMOVED, "text"), ("quarantine", docs.QUARANTINED, "raw")):
+        if not storage.exists(storage.join(out, sub)):
+            continue
+        partial = ray.data.read_parquet(storage.join(out, sub)).select_columns(["doc_id", "reason", body])
+        for row in partial.map_batches(summarize_block, fn_args=(status, body, d.report_samples),
+                                       batch_format="pyarrow").take_all():
+            counts[status][row["reason"]] += int(row["count"])
+            key = f"{status}:{row['reason']}"
+            samples[key] = (samples[key] + json.loads(row["samples"]))[:d.report_samples]
+    documents = ray.data.read_parquet(storage.join(out, "documents"))
+    n_kept = documents.count()  # from Parquet metadata: no pass over the data
+    n_removed = sum(counts[docs.REMOVED].values())
+    n_quarantined = sum(counts[docs.QUARANTINED].values())
+    n_read = n_kept + n_removed + n_quarantined
+    pii_counts = dict.fromkeys(PII_KINDS, 0)
+    pii_cols = [f"pii_{k}" for k in PII_KINDS]
+    for row in documents.select_columns(pii_cols).map_batches(_column_sums, batch_format="pyarrow").take_all():
+        for k in PII_KINDS:
+            pii_counts[k] += int(row[f"pii_{k}"])
+
+    return {"t0": t0, "out": out, "stage": stage, "layout": layout, "paths": paths, "by_kind": by_kind,
+            "skipped": skipped, "counts": counts, "samples": samples, "n_kept": n_kept, "n_removed": n_removed,
+            "n_quarantined": n_quarantined, "n_read": n_read, "pii_counts": pii_counts, "fuzzy_stats": fuzzy_stats}
+
+
 def run_data(spec: JobSpec) -> dict[str, Any]:
     """Run the data stage; returns the manifest (also written to datasets/<name>/manifest.json).
 
@@ -199,52 +449,13 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
 
     from raytrain.data.tokenizer import TokenizePack, train_tokenizer
 
-    t0 = time.time()
+    c = curate(spec)
     d = spec.data
-    layout = storage.Layout(spec.storage.root)
-    out = layout.dataset(d.name)
-    stage = storage.join(out, "_stage")
-    for sub in (*SPLITS, "removed", "quarantine", "documents", "_stage"):
-        storage.remove_tree(storage.join(out, sub))
-    paths = _input_paths(spec, layout)
-    log.info("data stage: reading %s", paths)
-
-    # 1. Annotate every row (kept / removed / quarantined), partitioned by status.
-    raw, kind = _read_raw(spec, paths)
-    annotated = raw.map_batches(annotate_batch, fn_args=(d.model_dump(mode="json"), kind),
-                                batch_format="pyarrow", batch_size=256)
-    annotated.write_parquet(storage.join(stage, "annotated"), partition_cols=["status"])
-    _move_partition(storage.join(stage, "annotated"), "status=removed", storage.join(out, "removed"))
-    _move_partition(storage.join(stage, "annotated"), "status=quarantined", storage.join(out, "quarantine"))
-
-    # 2. Exact dedup (a distributed shuffle on the text hash) and the stable split.
-    kept = ray.data.read_parquet(storage.join(stage, "annotated", "status=kept"))
-    kept = kept.map_batches(_with_status, fn_args=(docs.KEPT,), batch_format="pyarrow")
-    if d.exact_dedup:
-        kept = kept.groupby("hash", num_partitions=_shuffle_partitions()).map_groups(
-            mark_exact_duplicates, batch_format="pyarrow")
-    kept = kept.map_batches(add_split, fn_args=(d.split.val_fraction, d.split.test_fraction, d.split.salt),
-                            batch_format="pyarrow")
-    kept.write_parquet(storage.join(stage, "curated"), partition_cols=["status"])
-    _move_partition(storage.join(stage, "curated"), "status=kept", storage.join(out, "documents"))
-    _move_partition(storage.join(stage, "curated"), "status=removed", storage.join(out, "removed"))
-
-    # 3. Accounting: every row read is exactly one of kept / removed (by reason) / quarantined (by reason).
-    counts: dict[str, dict[str, int]] = {docs.REMOVED: defaultdict(int), docs.QUARANTINED: defaultdict(int)}
-    samples: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for sub, status, body in (("removed", docs.REMOVED, "text"), ("quarantine", docs.QUARANTINED, "raw")):
-        if not storage.exists(storage.join(out, sub)):
-            continue
-        partial = ray.data.read_parquet(storage.join(out, sub)).select_columns(["doc_id", "reason", body])
-        for row in partial.map_batches(summarize_block, fn_args=(status, body), batch_format="pyarrow").take_all():
-            counts[status][row["reason"]] += int(row["count"])
-            key = f"{status}:{row['reason']}"
-            samples[key] = (samples[key] + json.loads(row["samples"]))[:3]
+    t0, out, stage, layout, paths = c["t0"], c["out"], c["stage"], c["layout"], c["paths"]
+    by_kind, skipped, counts, samples = c["by_kind"], c["skipped"], c["counts"], c["samples"]
+    n_kept, n_removed, n_quarantined, n_read = c["n_kept"], c["n_removed"], c["n_quarantined"], c["n_read"]
+    pii_counts, fuzzy_stats = c["pii_counts"], c["fuzzy_stats"]
     documents = ray.data.read_parquet(storage.join(out, "documents"))
-    n_kept = documents.count()  # from Parquet metadata: no pass over the data
-    n_removed = sum(counts[docs.REMOVED].values())
-    n_quarantined = sum(counts[docs.QUARANTINED].values())
-    n_read = n_kept + n_removed + n_quarantined
 
     # 4. Tokenizer on a sample of the training split only (val/test stay unseen).
     train_docs = documents.filter(expr=col("split") == "train").select_columns(["text"])
@@ -290,10 +501,16 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
         "quarantined": dict(sorted(counts[docs.QUARANTINED].items())),
         "removed_total": n_removed,
         "quarantined_total": n_quarantined,
+        "removed_by_stage": removed_by_stage(counts[docs.REMOVED]),
+        "pii_redacted": pii_counts,
+        "fuzzy_dedup": fuzzy_stats,
+        "skipped_files": skipped,
+        "inputs_by_format": {k: len(v) for k, v in by_kind.items()},
         "samples": samples,
         "seconds": round(time.time() - t0, 1),
     }
     storage.write_json(storage.join(out, "report.json"), report)
+    write_report_md(report, out)
     manifest = {
         "manifest_version": 1,
         "dataset": d.name,

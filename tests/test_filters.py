@@ -1,0 +1,412 @@
+"""Each filter rule on hand-made documents just inside and just outside its published threshold.
+
+Pure functions, no Ray: these run in well under a second each.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raytrain.config.schema import (
+    BadWordsSpec,
+    BlocklistSpec,
+    C4Spec,
+    FineWebSpec,
+    GopherQualitySpec,
+    GopherRepetitionSpec,
+    LanguageSpec,
+    PIISpec,
+)
+from raytrain.data import decontam, filters, minhash, pii
+from raytrain.data.demo import generate_demo_corpus, word_shingle_jaccard
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def uniq(n: int, start: int = 0) -> list[str]:
+    """n distinct 5-letter words (so character fractions equal word fractions)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = []
+    for i in range(start, start + n):
+        out.append("".join(letters[(i // 26 ** k) % 26] for k in range(4)) + "q")
+    return out
+
+
+def prose(n_words: int) -> str:
+    """n words of plain prose-like text with stop words, mean word length ~4.3."""
+    vocab = ["the", "garden", "and", "river", "of", "stone", "bread", "to", "market", "with"]
+    return " ".join(vocab[i % len(vocab)] for i in range(n_words))
+
+
+GQ = GopherQualitySpec()
+
+
+def only_repetition(**rule: object) -> GopherRepetitionSpec:
+    """A repetition spec with every rule off except the one given (at its default unless given)."""
+    off = {"max_dup_line_frac": 1.0, "max_dup_para_frac": 1.0, "max_dup_line_char_frac": 1.0,
+           "max_dup_para_char_frac": 1.0, "top_ngram_max_char_frac": {}, "dup_ngram_max_char_frac": {}}
+    default = GopherRepetitionSpec()
+    return GopherRepetitionSpec(**(off | {k: (getattr(default, k) if v is None else v) for k, v in rule.items()}))
+
+
+# ----------------------------------------------------------------------------------- Gopher quality
+
+
+def test_gopher_word_count() -> None:
+    assert filters.gopher_quality(prose(50), GQ) == ""
+    assert filters.gopher_quality(prose(49), GQ) == "gopher_quality:word_count"
+    assert filters.gopher_quality(prose(100_000), GQ) == ""
+    assert filters.gopher_quality(prose(100_001), GQ) == "gopher_quality:word_count"
+
+
+def test_gopher_mean_word_length() -> None:
+    three = ["the", "and"] + ["cat"] * 58  # mean exactly 3.0
+    assert filters.gopher_quality(" ".join(three), GQ) == ""
+    assert filters.gopher_quality(" ".join([*three[:-1], "at"]), GQ) == "gopher_quality:mean_word_length"
+    ten = ["the", "and"] + ["watermelon"] * 44 + ["watermelons"] * 14  # (6 + 440 + 154) / 60 = 10.0
+    assert filters.gopher_quality(" ".join(ten), GQ) == ""
+    assert filters.gopher_quality(" ".join([*ten[:-1], "watermelonss"]), GQ) == "gopher_quality:mean_word_length"
+
+
+def test_gopher_hash_and_ellipsis_ratios() -> None:
+    for symbol, rule in (("#", "hash_ratio"), ("...", "ellipsis_ratio")):
+        base = prose(100).split()
+        inside = " ".join(w + (f" {symbol}" if i % 10 == 0 else "") for i, w in enumerate(base))  # 10 / 100
+        outside = inside + f" {symbol}"  # 11 / 100
+        assert filters.gopher_quality(inside, GQ) == "", symbol
+        assert filters.gopher_quality(outside, GQ) == f"gopher_quality:{rule}", symbol
+
+
+def test_gopher_bullet_lines() -> None:
+    line = "the garden and the river of stone"
+    inside = "\n".join([f"- {line}"] * 9 + [line])  # 9 of 10 lines start with a bullet
+    assert filters.gopher_quality(inside, GQ) == ""
+    assert filters.gopher_quality("\n".join([f"• {line}"] * 10), GQ) == "gopher_quality:bullet_lines"
+
+
+def test_gopher_ellipsis_lines() -> None:
+    line = "the garden and the river of stone bread"
+    inside = "\n".join([f"{line} …"] * 3 + [line] * 7)  # 3 of 10 lines end with an ellipsis
+    outside = "\n".join([f"{line} …"] * 4 + [line] * 6)
+    assert filters.gopher_quality(inside, GQ) == ""
+    assert filters.gopher_quality(outside, GQ) == "gopher_quality:ellipsis_lines"
+
+
+def test_gopher_alpha_words() -> None:
+    words = prose(100).split()
+    inside = " ".join(words[:80] + ["1234"] * 20)  # 80% of words have a letter
+    outside = " ".join(words[:79] + ["1234"] * 21)
+    assert filters.gopher_quality(inside, GQ) == ""
+    assert filters.gopher_quality(outside, GQ) == "gopher_quality:alpha_words"
+
+
+def test_gopher_stop_words() -> None:
+    filler = " ".join(["garden river stone bread market"] * 12)
+    assert filters.gopher_quality(f"{filler} the and", GQ) == ""  # two distinct stop words
+    assert filters.gopher_quality(f"{filler} the the", GQ) == "gopher_quality:stop_words"
+
+
+# -------------------------------------------------------------------------------- Gopher repetition
+
+
+def test_duplicate_line_fraction() -> None:
+    spec = only_repetition(max_dup_line_frac=None)
+    lines = uniq(7)
+    assert filters.gopher_repetition("\n".join(lines + lines[:3]), spec) == ""  # 3 of 10 lines repeat
+    outside = "\n".join(lines[:6] + lines[:4])  # 4 of 10
+    assert filters.gopher_repetition(outside, spec) == "gopher_repetition:dup_line_frac"
+
+
+def test_duplicate_paragraph_fraction() -> None:
+    spec = only_repetition(max_dup_para_frac=None)
+    paras = [f"{w} one\n{w} two" for w in uniq(7)]
+    assert filters.gopher_repetition("\n\n".join(paras + paras[:3]), spec) == ""
+    outside = "\n\n".join(paras[:6] + paras[:4])
+    assert filters.gopher_repetition(outside, spec) == "gopher_repetition:dup_para_frac"
+
+
+def test_duplicate_line_and_paragraph_char_fractions() -> None:
+    lines = uniq(16)  # equal-length lines: character fraction = line fraction
+    for key, sep, rule in (("max_dup_line_char_frac", "\n", "dup_line_char_frac"),
+                           ("max_dup_para_char_frac", "\n\n", "dup_para_char_frac")):
+        spec = only_repetition(**{key: None})
+        assert filters.gopher_repetition(sep.join(lines + lines[:4]), spec) == "", rule  # 4 / 20 = 0.20
+        outside = sep.join(lines[:15] + lines[:5])  # 5 / 20 = 0.25
+        assert filters.gopher_repetition(outside, spec) == f"gopher_repetition:{rule}"
+
+
+@pytest.mark.parametrize(("n", "limit"), [(2, 0.20), (3, 0.18), (4, 0.16)])
+def test_top_ngram_char_fraction(n: int, limit: float) -> None:
+    spec = only_repetition(top_ngram_max_char_frac={n: limit})
+    gram = uniq(n, start=5000)
+
+    def doc(k: int, total: int = 100) -> str:
+        # k copies of one n-gram, each followed by a distinct word; distinct filler to `total` words
+        fill = uniq(total - k * n)
+        words: list[str] = []
+        for i in range(k):
+            words += [*gram, fill[i]]
+        return " ".join(words + fill[k:])
+
+    inside = math.floor(round(limit * 100 / n, 9))  # most copies covering at most `limit` of the characters
+    assert filters.top_ngram_char_fraction(doc(inside).split(), n) <= limit
+    assert filters.gopher_repetition(doc(inside), spec) == ""
+    assert filters.gopher_repetition(doc(inside + 1), spec) == f"gopher_repetition:top_{n}gram"
+
+
+@pytest.mark.parametrize(("n", "limit"), [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)])
+def test_duplicate_ngram_char_fraction(n: int, limit: float) -> None:
+    spec = only_repetition(dup_ngram_max_char_frac={n: limit})
+    gram = uniq(n, start=5000)
+    covered = 2 * n  # one n-gram occurring twice
+
+    def doc(total: int) -> str:
+        fill = uniq(total - covered)
+        return " ".join([*gram, *fill[:3], *gram, *fill[3:]])
+
+    at_limit = math.ceil(round(covered / limit, 9))  # fewest words so that covered / total <= limit
+    assert filters.dup_ngram_char_fraction(doc(at_limit).split(), n) <= limit
+    assert filters.gopher_repetition(doc(at_limit), spec) == ""
+    assert filters.gopher_repetition(doc(at_limit - 1), spec) == f"gopher_repetition:dup_{n}gram"
+
+
+def test_overlapping_ngrams_count_characters_once() -> None:
+    words = ["aaaa"] * 12  # every 5-gram is the same: all 12 words covered once, not 8 times
+    assert filters.dup_ngram_char_fraction(words, 5) == 1.0
+
+
+# -------------------------------------------------------------------------------------------- C4
+
+SENT = "The garden by the river is full of stone and bread."
+
+
+def test_c4_line_rules() -> None:
+    spec = C4Spec()
+    text = "\n".join([
+        SENT, "A heading without punctuation at all", "Too short to keep.", "Five words make a line.",
+        "Please enable JavaScript to view this page properly.", "Read our privacy policy before you continue.",
+        SENT.replace("full", "f" + "u" * 1000 + "ll"), "“The garden is lovely,” she said to the river.”",
+    ])
+    out, reason = filters.c4_filter(text, spec)
+    assert reason == ""
+    assert out.split("\n") == [SENT, "Five words make a line.", "“The garden is lovely,” she said to the river.”"]
+
+
+def test_c4_document_rules() -> None:
+    spec = C4Spec()
+    three = " ".join([SENT] * 3)
+    assert filters.c4_filter(three, spec)[1] == ""
+    assert filters.c4_filter(" ".join([SENT] * 2), spec)[1] == "c4:min_sentences"
+    assert filters.c4_filter(three + " Lorem ipsum dolor sit amet.", spec)[1] == "c4:lorem_ipsum"
+    assert filters.c4_filter(three + " The dict {a: 1} is code.", spec)[1] == "c4:curly_bracket"
+    assert filters.c4_filter(three + " The dict {a: 1} is code.", C4Spec(remove_curly_bracket=False))[1] == ""
+
+
+# --------------------------------------------------------------------------------------- FineWeb
+
+LONG = "the garden by the river is full of stone and bread"  # 51 characters, 11 words
+
+
+def test_fineweb_line_punctuation_ratio() -> None:
+    spec = FineWebSpec()
+    inside = "\n".join([LONG + "."] * 13 + [LONG] * 87)  # 13% of lines end in punctuation
+    outside = "\n".join([LONG + "."] * 12 + [LONG] * 88)  # 12%: at the threshold, removed
+    assert filters.fineweb(inside.replace(LONG, LONG + " x"), spec) in ("", "fineweb:dup_line_char_ratio")
+    assert filters.fineweb(outside, FineWebSpec(max_dup_line_char_ratio=1.0)) == "fineweb:line_punct_ratio"
+    assert filters.fineweb(inside, FineWebSpec(max_dup_line_char_ratio=1.0)) == ""
+
+
+def test_fineweb_duplicate_line_characters() -> None:
+    spec = FineWebSpec()
+    lines = [f"{w} {LONG}." for w in uniq(11)]  # equal length
+    assert filters.fineweb("\n".join(lines[:10] + lines[:1]), spec) == ""  # 1 / 11 = 0.091
+    assert filters.fineweb("\n".join(lines[:9] + lines[:1]), spec) == "fineweb:dup_line_char_ratio"  # 0.1
+
+
+def test_fineweb_short_lines() -> None:
+    spec = FineWebSpec()
+    short = [f"{w} is a short one." for w in uniq(67)]  # 22 characters, 5 words
+    long = [f"{w} {LONG}." for w in uniq(34, start=100)]
+    assert filters.fineweb("\n".join(short[:66] + long[:34]), spec) == ""  # 66%
+    assert filters.fineweb("\n".join(short[:67] + long[:33]), spec) == "fineweb:short_line_ratio"  # 67%
+
+
+def test_fineweb_newline_ratio() -> None:
+    spec = FineWebSpec()
+    lines = [f"{w}aaaaaaa {w}bbbbbbbbb {w}ccccccccc." for w in uniq(10)]  # 3 words, > 30 characters
+    assert filters.fineweb("\n".join(lines), spec) == ""  # 9 newlines / 30 words = 0.30
+    assert filters.fineweb("\n".join([*lines[:-1], lines[-1].split(" ", 1)[1]]), spec) == "fineweb:newline_ratio"
+
+
+# ---------------------------------------------------------------------------- language, URL, words
+
+
+def test_language() -> None:
+    en = "The garden by the river is full of flowers, and the people who live there bake bread every morning."
+    de = "Der Garten am Fluss ist voller Blumen, und die Leute, die dort wohnen, backen jeden Morgen Brot."
+    assert filters.language(en, LanguageSpec()) == ""
+    assert filters.language(de, LanguageSpec()) == "language:de"
+    assert filters.language(de, LanguageSpec(languages=["en", "de"])) == ""
+    lang, score = filters.identify_language(en)
+    assert lang == "en" and score < 1.0
+    assert filters.language(en, LanguageSpec(min_score=min(1.0, score + 1e-6))) == "language:low_score"
+    assert filters.language(en, LanguageSpec(min_score=score)) == ""
+
+
+def test_url_blocklist() -> None:
+    domains = filters.blocklist_domains(BlocklistSpec(domains=["Spam.example", "www.casino.test"]))
+    assert domains == {"spam.example", "casino.test"}
+    assert filters.url_blocked("https://spam.example/a", domains, ()) == "url_blocklist:domain"
+    assert filters.url_blocked("http://a.b.spam.example:8080/x", domains, ()) == "url_blocklist:domain"
+    assert filters.url_blocked("https://casino.test/", domains, ()) == "url_blocklist:domain"
+    assert filters.url_blocked("https://notspam.example/", domains, ()) == ""
+    assert filters.url_blocked("https://ok.example/free-casino", domains, ("casino",)) == "url_blocklist:substring"
+    assert filters.url_blocked("", domains, ("casino",)) == ""
+
+
+def test_bad_words(tmp_path: Path) -> None:
+    (tmp_path / "words.txt").write_text("# comment\nbadword\ntwo words\n")
+    words = filters.read_list_file(str(tmp_path / "words.txt"))
+    assert words == ["badword", "two words"]
+    pattern = filters.bad_words_pattern(words)
+    spec = BadWordsSpec(words=words)
+    assert filters.bad_words("a clean text about badwords and twowords", pattern, spec) == ""
+    assert filters.bad_words("this has a BadWord in it", pattern, spec) == "bad_words"
+    assert filters.bad_words("these two words matter", pattern, spec) == "bad_words"
+    assert filters.bad_words("one badword only", pattern, BadWordsSpec(max_matches=1)) == ""
+    assert filters.bad_words("badword and badword", pattern, BadWordsSpec(max_matches=1)) == "bad_words"
+    assert filters.bad_words_pattern([]) is None
+
+
+# -------------------------------------------------------------------------------------------- PII
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("write to jane.doe+news@mail.example.org today", "email"),
+    ("call (415) 555-0132 now", "phone"),
+    ("call 415-555-0132 now", "phone"),
+    ("call +1 415 555 0132 now", "phone"),
+    ("call +44 20 7946 0958 now", "phone"),
+    ("from 203.0.113.42 at night", "ip_address"),
+    ("from 2001:db8:85a3::8a2e:370:7334 at night", "ip_address"),
+    ("card 4111 1111 1111 1111 charged", "credit_card"),
+    ("card 5500-0000-0000-0004 charged", "credit_card"),
+    ("card 378282246310005 charged", "credit_card"),
+])
+def test_pii_found(text: str, kind: str) -> None:
+    out, counts = pii.redact(text)
+    assert counts[kind] == 1 and sum(counts.values()) == 1, counts
+    assert pii.REPLACEMENT[kind] in out
+
+
+@pytest.mark.parametrize("text", [
+    "the tracking number 4111 1111 1111 1112 is not a card",  # Luhn fails
+    "an order 1234567812345670 with a valid checksum but no issuer",  # Luhn passes, no issuer prefix
+    "version 999.1.2.3 of the tool",  # not an IPv4 address
+    "at 12:30:45 the train left",  # a time, not IPv6
+    "in the years 1990-2000 and 2001-2010",
+    "a price of 1,234,567.89 dollars",
+    "email me at name at example dot com",
+    "symbols 24118 13883 42008 0x3c36",  # digit groups that happen to pass Luhn, not printed like a card
+])
+def test_pii_not_found(text: str) -> None:
+    out, counts = pii.redact(text)
+    assert sum(counts.values()) == 0, (text, counts, out)
+    assert out == text
+
+
+def test_pii_kinds_can_be_switched_off() -> None:
+    text = "mail a@b.example from 203.0.113.42"
+    out, counts = pii.redact(text, PIISpec(ip_address=False))
+    assert counts["email"] == 1 and counts["ip_address"] == 0 and "203.0.113.42" in out
+    assert pii.redact(text, PIISpec(enabled=False)) == (text, dict.fromkeys(pii.KINDS, 0))
+
+
+def test_luhn() -> None:
+    assert pii.luhn_valid("4111111111111111") and not pii.luhn_valid("4111111111111112")
+    assert pii.is_card_number("4012 8888 8888 1881") and not pii.is_card_number("9999 9999 9999 9995")
+
+
+# ----------------------------------------------------------------- recall on the demo corpus (no Ray)
+
+
+def _demo_records(tmp_path: Path, num_docs: int, seed: int) -> tuple[dict, dict[str, str]]:
+    planted = generate_demo_corpus(tmp_path, num_docs=num_docs, seed=seed)
+    texts = {}
+    for name in planted["files"]:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(tmp_path / name, "rb") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("text"), str) and len(row["text"]) < 100_000:
+                    texts[row["id"]] = row["text"]
+    return planted, texts
+
+
+def test_pii_recall_on_planted_pii(tmp_path: Path) -> None:
+    planted, texts = _demo_records(tmp_path, 2000, seed=4)
+    found: dict[str, list[int]] = {k: [0, 0] for k in pii.KINDS}
+    for e in planted["pii"]:
+        out, _ = pii.redact(texts[e["id"]])
+        found[e["kind"]][0] += e["value"] not in out
+        found[e["kind"]][1] += 1
+    for kind, (hit, total) in found.items():
+        assert total >= 5 and hit / total >= 0.95, (kind, hit, total)
+    for e in planted["pii_decoys"]:
+        assert e["value"] in pii.redact(texts[e["id"]])[0]  # Luhn-invalid numbers stay
+    with_pii = {e["id"] for e in planted["pii"]}
+    false_hits = sum(sum(pii.redact(t)[1].values()) for i, t in texts.items()
+                     if i not in with_pii and i not in planted["html_ids"] and i not in planted["junk_ids"])
+    assert false_hits == 0
+
+
+def test_minhash_precision_and_recall_on_planted_near_duplicates(tmp_path: Path) -> None:
+    planted, texts = _demo_records(tmp_path, 3000, seed=5)
+    skip = set(planted["junk_ids"]) | set(planted["html_ids"])  # removed before dedup in the pipeline
+    ids = [i for i in texts if i not in skip]
+    found = minhash.find_near_duplicates([texts[i] for i in ids], list(range(len(ids))))
+    removed = {ids[r]: ids[k] for r, k in found.items()}
+    parent = {d: s for d, s in planted["near_duplicate_pairs"] + planted["exact_duplicate_pairs"]}
+
+    def root(x: str) -> str:
+        while x in parent:
+            x = parent[x]
+        return x
+
+    correct = sum(root(r) == root(k) for r, k in removed.items())
+    assert correct / len(removed) >= 0.99
+    similar = [(d, s) for d, s in planted["near_duplicate_pairs"] if word_shingle_jaccard(texts[d], texts[s]) >= 0.8]
+    assert len(similar) >= 100
+    recalled = sum(removed.get(d, d) == removed.get(s, s) for d, s in similar)
+    assert recalled / len(similar) >= 0.9
+
+
+def test_lsh_clusters() -> None:
+    a, b = minhash.bucket_edges(np.array([7, 7, 7, 9, 9, 3]), np.array([30, 10, 20, 40, 10, 50]))
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(10, 20), (10, 30), (10, 40)]
+    removed, kept = minhash.duplicates_to_remove(np.array([1, 2, 8, 5]), np.array([2, 3, 9, 3]))
+    assert dict(zip(removed.tolist(), kept.tolist(), strict=True)) == {2: 1, 3: 1, 5: 1, 9: 8}
+
+
+# --------------------------------------------------------------------------------- decontamination
+
+
+def test_decontamination(tmp_path: Path) -> None:
+    question = "Which planet in the solar system has the largest number of known moons as of this year"
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"text": question}) + "\n")
+    grams = decontam.eval_ngrams((str(tmp_path / "eval.jsonl"),), 13)
+    assert grams
+    leaked = "Quiz night! " + question.upper().replace(" ", "  ") + "? Answer below."
+    assert decontam.contaminated(leaked, grams, 13)
+    twelve = " ".join(question.split()[:12])  # 12 shared words: not a 13-gram
+    assert not decontam.contaminated(f"Quiz: {twelve}, or not.", grams, 13)
+
