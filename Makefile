@@ -12,7 +12,7 @@ DEEPSPEED   := deepspeed==0.19.8
 STAMP  := $(VENV)/.installed
 TOOLS  := .tools/node_modules/.bin
 
-.PHONY: install demo test lint tools promtool clean
+.PHONY: install demo test lint tools promtool bench-data clean
 
 install: $(STAMP)
 
@@ -45,6 +45,15 @@ demo: install
 test: install tools
 	$(BIN)/ruff check raytrain serving jobs tests
 	$(BIN)/pytest -q
+
+# datatrove, the peer the data benchmark compares with, in its own venv: it pins older trafilatura/xxhash.
+.venv-datatrove/.installed:
+	$(PYTHON) -m venv .venv-datatrove
+	.venv-datatrove/bin/pip install -q "datatrove[processing,io]==0.10.1" "spacy==3.8.18"
+	touch $@
+
+bench-data: install .venv-datatrove/.installed
+	$(BIN)/raytrain bench data --num-docs 100000
 
 lint: install
 	$(BIN)/ruff check raytrain serving jobs tests
