@@ -50,7 +50,8 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 3) -> Iterator[dict[str, st
     gcs = free_port()
     procs = [subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={cpus_per_node}",
-         "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
         for _ in range(nodes - 1):

@@ -34,7 +34,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     temp_dir = Path(f"/tmp/rt-{os.getpid()}")  # unix socket paths must stay short
     gcs, dash = free_port(), free_port()
     head = subprocess.Popen(
+        # Own ports for the dashboard agent and metrics too: the defaults collide with any other Ray
+        # instance on the machine (the test session's own), and the job agent then never registers.
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=4",
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
