@@ -23,8 +23,12 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def clean_env(token: str) -> dict[str, str]:
+    """The caller's environment without RAY_* settings, with token auth on and this interpreter's bin/ first
+    on PATH, as on a laptop with the virtualenv activated: job entrypoints and worker subprocesses that run
+    `python` must find the one that has Ray installed, not the system one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -51,13 +55,17 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 3) -> Iterator[dict[str, st
     procs = [subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={cpus_per_node}",
          "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
         for _ in range(nodes - 1):
             procs.append(subprocess.Popen(
+                # Own agent and metrics ports on every node: the defaults collide with any other Ray
+                # instance on the machine, and a node whose agent cannot bind is marked dead.
                 [RAY, "start", "--block", f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus_per_node}",
-                 "--disable-usage-stats"],
+                 "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
+                 f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}"],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
                  "print(sum(1 for n in ray.nodes() if n['Alive']))")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster_fixtures import clean_env
 from conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
@@ -29,8 +30,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A real head node with token auth on, stopped (only it) at the end."""
     token = secrets.token_hex(16)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    env = clean_env(token)  # the venv's bin/ first on PATH: the job entrypoint runs `python -m ...`
     temp_dir = Path(f"/tmp/rt-{os.getpid()}")  # unix socket paths must stay short
     gcs, dash = free_port(), free_port()
     head = subprocess.Popen(
@@ -65,8 +65,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
 def job(cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("job-root")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster["token"]})
+    env = clean_env(cluster["token"])
     cmd = [RAY, "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO), "--",
            "python", "-m", "jobs.pipeline", "--config", "jobs/configs/tiny.yaml",
            f"storage.root={root}", f"serve.port={port}"]
