@@ -50,8 +50,16 @@ ANNOTATED_SCHEMA = pa.schema(
         ("uid", pa.int64()),
         ("dup_of", pa.int64()),
         *[(f"pii_{k}", pa.int32()) for k in PII_KINDS],
+        ("node", pa.string()),  # the Ray node that read and annotated the row (provenance, work per node)
     ]
 )
+
+
+def current_node() -> str:
+    """The id of the Ray node running this task ("local" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def doc_uid(source: str, line: int, doc_id: str, text_hash: str, rank: int | None) -> int:
@@ -100,6 +108,7 @@ def annotate_batch(batch: pa.Table, spec_json: dict[str, Any], kind: str,
         out["uid"].append(doc_uid(a.source, a.line, a.doc_id, a.hash, (ranks or {}).get(a.source)))
     out["split"] = [""] * len(out["doc_id"])  # set for kept documents after dedup
     out["dup_of"] = [0] * len(out["doc_id"])
+    out["node"] = [current_node()] * len(out["doc_id"])
     return pa.table(out, schema=ANNOTATED_SCHEMA)
 
 
@@ -319,13 +328,39 @@ def mark_fuzzy(batch: pa.Table, clusters: Any) -> pa.Table:
     return batch
 
 
+def join_clusters(max_pairs: int, *tables: pa.Table) -> tuple[Any, dict[str, Any]]:
+    """Ray task: candidate-pair blocks -> (sorted uids to remove, the uid each one's cluster keeps), stats.
+
+    Runs on a cluster node, not the driver: the pairs and the cluster arrays stay in the object store,
+    and only the statistics come back. Memory is bounded by the number of pairs (`max_pairs`, 16 bytes
+    each), never by the corpus; beyond it the stage stops with a clear error.
+    """
+    n_pairs = sum(t.num_rows for t in tables)
+    if n_pairs > max_pairs:
+        return None, {"error": f"fuzzy dedup found {n_pairs} candidate pairs, more than "
+                               f"data.fuzzy_dedup.max_pairs={max_pairs}; raise it (16 bytes each) or check the corpus"}
+    cols = [(t.column("a").to_numpy(), t.column("b").to_numpy()) for t in tables if t.num_rows]
+    a = np.concatenate([c[0] for c in cols]).astype(np.int64) if cols else np.empty(0, np.int64)
+    b = np.concatenate([c[1] for c in cols]).astype(np.int64) if cols else np.empty(0, np.int64)
+    # A pair found in several bands (or buckets) counts once: the count then does not depend on how the
+    # bucket join was partitioned, i.e. on the cluster's size.
+    pairs = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1), axis=0) if len(a) else \
+        np.empty((0, 2), np.int64)
+    removed, keep = minhash.duplicates_to_remove(pairs[:, 0], pairs[:, 1])
+    order = np.argsort(removed)
+    removed, keep = removed[order], keep[order]
+    return (removed, keep), {"candidate_pairs": len(pairs), "clusters": len(np.unique(keep)),
+                             "removed": len(removed)}
+
+
 def fuzzy_dedup(ds, d: DataSpec):
     """MinHash LSH over `ds` as Ray Data operations; returns (ds with near duplicates marked, statistics).
 
     Signatures and band keys: map_batches. Bucket join: a hash shuffle (groupby) on a partition of the
-    band key; every partition groups its rows by key in one vectorized sort. Only candidate pairs (16
-    bytes each) reach the driver, which joins them into clusters: its memory is bounded by the number of
-    pairs (fuzzy_dedup.max_pairs), not by the corpus. Each cluster keeps its smallest uid.
+    band key; every partition groups its rows by key in one vectorized sort and emits candidate pairs
+    (16 bytes each). Clusters: one Ray task joins the pairs (union-find) from the object store and hands
+    its result, by reference, to the map that marks documents. The driver sees counts only. Each
+    cluster keeps its smallest uid (the earliest document of the input).
     """
     import ray
 
@@ -336,25 +371,57 @@ def fuzzy_dedup(ds, d: DataSpec):
                                                           batch_format="pyarrow", batch_size=256)
     edges = rows.groupby("part", num_partitions=min(parts, _shuffle_partitions() * 4)).map_groups(
         partition_edges, batch_format="numpy")
-    a_parts, b_parts, n_pairs = [], [], 0
-    for batch in edges.iter_batches(batch_format="numpy", batch_size=None):
-        a_parts.append(np.asarray(batch["a"], dtype=np.int64))
-        b_parts.append(np.asarray(batch["b"], dtype=np.int64))
-        n_pairs += len(a_parts[-1])
-        if n_pairs > fz.max_pairs:
-            raise StageInputError(f"fuzzy dedup found more than data.fuzzy_dedup.max_pairs={fz.max_pairs} "
-                                  "candidate pairs; raise it (16 bytes each on the driver) or check the corpus")
-    a = np.concatenate(a_parts) if a_parts else np.empty(0, np.int64)
-    b = np.concatenate(b_parts) if b_parts else np.empty(0, np.int64)
-    removed, keep = minhash.duplicates_to_remove(a, b)
-    order = np.argsort(removed)
-    removed, keep = removed[order], keep[order]
-    stats = {"enabled": True, "documents": n_docs, "candidate_pairs": len(a),
-             "clusters": len(np.unique(keep)), "removed": len(removed), "bands": fz.num_bands,
+    join = ray.remote(join_clusters).options(num_returns=2, num_cpus=1)
+    clusters, stats_ref = join.remote(fz.max_pairs, *edges.to_arrow_refs())
+    joined = ray.get(stats_ref)
+    if "error" in joined:
+        raise StageInputError(joined["error"])
+    stats = {"enabled": True, "documents": n_docs, **joined, "bands": fz.num_bands,
              "rows_per_band": fz.rows_per_band, "ngram": fz.ngram, "shuffle_partitions": parts}
     log.info("fuzzy dedup: %d documents, %d candidate pairs, %d clusters, %d near duplicates removed",
-             n_docs, len(a), stats["clusters"], len(removed))
-    return ds.map_batches(mark_fuzzy, fn_args=(ray.put((removed, keep)),), batch_format="pyarrow"), stats
+             n_docs, stats["candidate_pairs"], stats["clusters"], stats["removed"])
+    return ds.map_batches(mark_fuzzy, fn_args=(clusters,), batch_format="pyarrow"), stats
+
+
+def below_hash_threshold(batch: pa.Table, threshold: int) -> pa.Table:
+    """map_batches UDF: the rows whose text hash, read as a 32-bit prefix, is below `threshold`."""
+    keep = [int(h[:8], 16) < threshold for h in batch.column("hash").to_pylist()]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def tokenizer_sample(train_docs, n: int) -> list[str]:
+    """Up to `n` training texts for the tokenizer, chosen and ordered by text hash.
+
+    The same documents in the same order whatever the cluster's shape or the order blocks finish in,
+    so the trained tokenizer (and every token id downstream) is the same on 1 node or 10. Only about
+    1.5 x n texts reach the driver: a hash-prefix filter runs first on the cluster.
+    """
+    rows = train_docs.select_columns(["hash", "text"])
+    total = rows.count()
+    if total > n:
+        threshold = int(min(1.0, 1.5 * n / total) * (1 << 32))
+        rows = rows.map_batches(below_hash_threshold, fn_args=(threshold,), batch_format="pyarrow")
+    picked = sorted((r["hash"], r["text"]) for r in rows.take_all())
+    return [text for _, text in picked[:n]]
+
+
+def node_counts(batch: pa.Table) -> pa.Table:
+    """Partial rows-per-node of one block (merged on the driver)."""
+    vc = pc.value_counts(batch.column("node").fill_null("unknown"))
+    return pa.table({"node": vc.field("values"), "rows": vc.field("counts")})
+
+
+def rows_per_node(dirs: list[str]) -> dict[str, int]:
+    """Rows annotated by each Ray node, summed over the given output directories (one column read)."""
+    import ray.data
+
+    acc: dict[str, int] = defaultdict(int)
+    for path in dirs:
+        if storage.exists(path):
+            ds = ray.data.read_parquet(path).select_columns(["node"])
+            for row in ds.map_batches(node_counts, batch_format="pyarrow").take_all():
+                acc[row["node"]] += int(row["rows"])
+    return dict(sorted(acc.items()))
 
 
 def _column_sums(batch: pa.Table) -> pa.Table:
@@ -433,9 +500,14 @@ def curate(spec: JobSpec) -> dict[str, Any]:
         for k in PII_KINDS:
             pii_counts[k] += int(row[f"pii_{k}"])
 
+    # Work per node: which node read and annotated each row (the pass that touches every byte).
+    per_node = rows_per_node([storage.join(out, sub) for sub in ("documents", "removed", "quarantine")])
+    nodes = {"cluster_nodes": sum(1 for n in ray.nodes() if n.get("Alive")), "rows_annotated": per_node}
+
     return {"t0": t0, "out": out, "stage": stage, "layout": layout, "paths": paths, "by_kind": by_kind,
-            "skipped": skipped, "counts": counts, "samples": samples, "n_kept": n_kept, "n_removed": n_removed,
-            "n_quarantined": n_quarantined, "n_read": n_read, "pii_counts": pii_counts, "fuzzy_stats": fuzzy_stats}
+            "nodes": nodes, "skipped": skipped, "counts": counts, "samples": samples, "n_kept": n_kept,
+            "n_removed": n_removed, "n_quarantined": n_quarantined, "n_read": n_read, "pii_counts": pii_counts,
+            "fuzzy_stats": fuzzy_stats}
 
 
 def run_data(spec: JobSpec) -> dict[str, Any]:
@@ -458,8 +530,8 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
     documents = ray.data.read_parquet(storage.join(out, "documents"))
 
     # 4. Tokenizer on a sample of the training split only (val/test stay unseen).
-    train_docs = documents.filter(expr=col("split") == "train").select_columns(["text"])
-    sample = [r["text"] for r in train_docs.limit(d.tokenizer.sample_docs).take_all()]
+    train_docs = documents.filter(expr=col("split") == "train")
+    sample = tokenizer_sample(train_docs, d.tokenizer.sample_docs)
     if not sample:
         raise StageInputError(f"data stage kept no training documents (read {n_read}); see {out}/report.json")
     tok_dir = layout.tokenizer(d.name)
@@ -504,6 +576,7 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
         "removed_by_stage": removed_by_stage(counts[docs.REMOVED]),
         "pii_redacted": pii_counts,
         "fuzzy_dedup": fuzzy_stats,
+        "nodes": c["nodes"],
         "skipped_files": skipped,
         "inputs_by_format": {k: len(v) for k, v in by_kind.items()},
         "samples": samples,
@@ -554,5 +627,9 @@ def _vocab_size(tok_bytes: bytes) -> int:
 
 
 def _snippet(body: Any, n: int = 200) -> str:
+    """The start of a removed or quarantined row for the report, with PII redacted: removed rows keep
+    their original text in removed/ (the audit trail), but the report is for people to read and share."""
+    from raytrain.data.pii import redact
+
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else str(body)
-    return text[:n]
+    return redact(text[: n * 2])[0][:n]

@@ -77,6 +77,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{fz['bands']} bands x {fz['rows_per_band']} rows over word {fz['ngram']}-grams: "
                   f"{fz['documents']} documents, {fz['candidate_pairs']} candidate pairs, {fz['clusters']} clusters, "
                   f"{fz['removed']} near duplicates removed."]
+    nodes = report.get("nodes") or {}
+    if nodes.get("rows_annotated"):
+        lines += ["", "## Work per node", "",
+                  f"Rows read and annotated by each of the cluster's {nodes.get('cluster_nodes', '?')} nodes:", "",
+                  "| node | rows |", "|---|---:|"]
+        lines += [f"| `{node[:12]}` | {n} |" for node, n in nodes["rows_annotated"].items()]
     if report.get("skipped_files"):
         lines += ["", f"Skipped {len(report['skipped_files'])} input files of unknown type."]
     samples = report.get("samples") or {}
