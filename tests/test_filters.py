@@ -410,3 +410,27 @@ def test_decontamination(tmp_path: Path) -> None:
     twelve = " ".join(question.split()[:12])  # 12 shared words: not a 13-gram
     assert not decontam.contaminated(f"Quiz: {twelve}, or not.", grams, 13)
 
+
+
+def test_cluster_join_counts_each_pair_once_and_refuses_too_many() -> None:
+    """The join task (a plain function; Ray runs it as a task): pairs found in several bands or in either
+    orientation count once, each cluster keeps its smallest uid, and too many pairs is a clear error."""
+    import pyarrow as pa
+
+    from raytrain.data.pipeline import join_clusters
+
+    blocks = [pa.table({"a": [1, 5, 9], "b": [2, 6, 8]}), pa.table({"a": [2, 2, 6], "b": [1, 3, 7]})]
+    (removed, keep), stats = join_clusters(100, *blocks)
+    assert stats == {"candidate_pairs": 5, "clusters": 3, "removed": 5}
+    assert dict(zip(removed.tolist(), keep.tolist(), strict=True)) == {2: 1, 3: 1, 6: 5, 7: 5, 9: 8}
+    assert join_clusters(100)[1] == {"candidate_pairs": 0, "clusters": 0, "removed": 0}
+    none, err = join_clusters(5, *blocks)
+    assert none is None and "data.fuzzy_dedup.max_pairs=5" in err["error"]
+
+
+def test_report_samples_are_redacted() -> None:
+    from raytrain.data.pipeline import _snippet
+
+    snippet = _snippet(b"contact jane.doe@example.com or 192.168.10.20 about it")
+    assert "jane.doe@example.com" not in snippet and "192.168.10.20" not in snippet
+    assert snippet.startswith("contact ")
