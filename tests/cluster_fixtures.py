@@ -38,11 +38,13 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             os.killpg(p.pid, signal.SIGTERM)
         except ProcessLookupError:
             continue
+    deadline = time.time() + 15  # a clean stop takes a few seconds; then the whole process group goes
     for p in procs:
         try:
-            p.wait(timeout=60)
+            p.wait(timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
 
 
 @contextmanager

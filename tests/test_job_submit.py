@@ -55,9 +55,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     yield {"address": address, "token": token, **{k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}}
     os.killpg(head.pid, signal.SIGTERM)  # --block: the head tears down its own processes
     try:
-        head.wait(timeout=60)
+        head.wait(timeout=15)
     except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        os.killpg(head.pid, signal.SIGKILL)  # its whole process group: nothing of it outlives the test
+        head.wait(timeout=30)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

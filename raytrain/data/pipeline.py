@@ -28,7 +28,7 @@ from raytrain.config.schema import DataSpec, JobSpec
 from raytrain.data import documents as docs
 from raytrain.data import minhash
 from raytrain.data.pii import KINDS as PII_KINDS
-from raytrain.data.readers import format_of, read_raw_rows
+from raytrain.data.readers import format_of, read_raw_rows, read_tasks
 from raytrain.data.report import write_report_md
 from raytrain.errors import StageInputError
 
@@ -196,7 +196,8 @@ def _annotated(spec: JobSpec, by_kind: dict[str, list[str]]):
         if kind == "parquet":
             import ray.data
 
-            raw, mode = ray.data.read_parquet(files, include_paths=True), "parquet"
+            raw = ray.data.read_parquet(files, include_paths=True, override_num_blocks=read_tasks(len(files)))
+            mode = "parquet"
         else:
             raw, mode = read_raw_rows(kind, files), "jsonl"
         ranks = {_source_name(f): i for i, f in enumerate(all_files) if f in files}

@@ -158,14 +158,27 @@ def format_of(path: str) -> str | None:
     return None
 
 
+def read_tasks(num_files: int) -> int:
+    """Read tasks for `num_files` input files: one per file up to max(200, 2 x cluster CPUs).
+
+    Ray's default would size read tasks by bytes and run a corpus of a few small files as a single task
+    on one node; one task per file lets every node of the cluster read from the first pass on.
+    """
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    return max(1, min(num_files, max(200, 2 * cpus)))
+
+
 def read_raw_rows(kind: str, paths: list[str]) -> ray.data.Dataset:
     """Raw rows (raw bytes, source, line) of files of one line- or document-oriented kind."""
     import ray.data
 
+    blocks = read_tasks(len(paths))
     if kind == "jsonl":
-        return ray.data.read_datasource(JsonlLinesDatasource(paths))
+        return ray.data.read_datasource(JsonlLinesDatasource(paths), override_num_blocks=blocks)
     if kind in ("text", "html"):
-        return ray.data.read_datasource(WholeFileDatasource(paths, file_extensions=None))
+        return ray.data.read_datasource(WholeFileDatasource(paths, file_extensions=None), override_num_blocks=blocks)
     if kind == "warc":
-        return ray.data.read_datasource(WarcDatasource(paths, file_extensions=None))
+        return ray.data.read_datasource(WarcDatasource(paths, file_extensions=None), override_num_blocks=blocks)
     raise ValueError(f"not a raw-row format: {kind}")
