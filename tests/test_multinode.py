@@ -48,7 +48,7 @@ def test_one_worker_per_node(tmp_path: Path, two_nodes: dict[str, str]) -> None:
     assert (Path(summary["model_dir"]) / "model.safetensors").is_file()
 
 
-def _split_corpus(src: Path, dest: Path, files: int = 8) -> None:
+def _split_corpus(src: Path, dest: Path, files: int = 16) -> None:
     """The demo corpus re-cut into `files` plain JSONL files, so the read has work to spread over nodes."""
     import gzip
 
