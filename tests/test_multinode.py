@@ -98,7 +98,7 @@ def _documents_in_shards(path: Path, eos: int) -> list[tuple[int, ...]]:
 def test_data_stage_on_two_nodes_does_work_on_both_and_matches_one_node(
         tmp_path: Path, two_nodes: dict[str, str]) -> None:
     """The same corpus through the data stage on one node (the session's local Ray, 4 CPUs) and on a
-    2-node cluster (3 CPUs each, `python -m jobs.data` with cluster.address): both nodes read and annotate
+    2-node cluster (3 CPUs each, `python -m jobs.data` with cluster.address): both nodes annotate
     rows, and the curated output is the same.
 
     "The same": every count of the report, the kept documents (ids, text after redaction, split, cluster

@@ -50,7 +50,7 @@ ANNOTATED_SCHEMA = pa.schema(
         ("uid", pa.int64()),
         ("dup_of", pa.int64()),
         *[(f"pii_{k}", pa.int32()) for k in PII_KINDS],
-        ("node", pa.string()),  # the Ray node that read and annotated the row (provenance, work per node)
+        ("node", pa.string()),  # the Ray node that annotated the row (provenance, work per node)
     ]
 )
 
@@ -501,7 +501,7 @@ def curate(spec: JobSpec) -> dict[str, Any]:
         for k in PII_KINDS:
             pii_counts[k] += int(row[f"pii_{k}"])
 
-    # Work per node: which node read and annotated each row (the pass that touches every byte).
+    # Work per node: which node annotated each row (the pass that touches every byte; reads are separate tasks).
     per_node = rows_per_node([storage.join(out, sub) for sub in ("documents", "removed", "quarantine")])
     nodes = {"cluster_nodes": sum(1 for n in ray.nodes() if n.get("Alive")), "rows_annotated": per_node}
 

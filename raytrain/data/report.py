@@ -80,7 +80,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     nodes = report.get("nodes") or {}
     if nodes.get("rows_annotated"):
         lines += ["", "## Work per node", "",
-                  f"Rows read and annotated by each of the cluster's {nodes.get('cluster_nodes', '?')} nodes:", "",
+                  f"Rows annotated by each of the cluster's {nodes.get('cluster_nodes', '?')} nodes:", "",
                   "| node | rows |", "|---|---:|"]
         lines += [f"| `{node[:12]}` | {n} |" for node, n in nodes["rows_annotated"].items()]
     if report.get("skipped_files"):
