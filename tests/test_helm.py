@@ -407,12 +407,17 @@ def test_persistence_and_env(helm, tmp):
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert claim["spec"]["storageClassName"] == "nfs"
     for obj in objects:
+        serving = obj["kind"] == "RayService"
         for where, template in k8s_schemas.pod_templates(obj):
             pod = template["spec"]
             shared = {"name": "shared-storage", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+            mount = {"name": "shared-storage", "mountPath": "/data"}
+            if serving:  # the internet-facing pods only read models
+                shared["persistentVolumeClaim"]["readOnly"] = True
+                mount["readOnly"] = True
             assert shared in pod["volumes"], where
             ray = pod["containers"][0]
-            assert {"name": "shared-storage", "mountPath": "/data"} in ray["volumeMounts"], where
+            assert mount in ray["volumeMounts"], where
             assert ray["env"] == GPU_GROUPS["env"], where
 
     existing = render(helm, tmp, {"persistence": {"enabled": True, "existingClaim": "team-nfs"}})
@@ -569,6 +574,18 @@ def test_long_release_names_fit_kuberay_limits(helm, tmp, kuberay):
             "scratch.paths.0: Must not validate the schema (not)",
             id="scratch-over-ray-logs",
         ),
+        pytest.param(
+            {"serving": {"storageCredentials": {"existingScret": "s3-ro"}}},
+            (),
+            "serving.storageCredentials: Additional property existingScret is not allowed",
+            id="typo-in-serving-credentials",
+        ),
+        pytest.param(
+            {"serving": {"allowUnauthenticated": "yes"}},
+            (),
+            "serving.allowUnauthenticated: Invalid type. Expected: boolean, given: string",
+            id="string-allow-unauthenticated",
+        ),
     ],
 )
 def test_schema_rejects_bad_values(helm, tmp, values, extra, message):
@@ -597,6 +614,18 @@ def test_schema_rejects_bad_values(helm, tmp, values, extra, message):
         (
             {"ingress": {"enabled": True, "host": "llm.example.com"}, "serving": {"enabled": False}},
             "ingress.enabled needs serving.enabled",
+        ),
+        (
+            {"ingress": {"enabled": True, "host": "llm.example.com"}},
+            "ingress.enabled would expose the model endpoint with no API keys: set serving.apiKeys.existingSecret",
+        ),
+        (
+            {
+                "objectStore": {"credentialsSecret": "s3-train"},
+                "serving": {"models": [{"name": "a", "path": "/data/a"}, {"name": "b", "path": "s3://b/b"}]},
+            },
+            "serving.models[1].path (s3://b/b) is on the object store, but the serving pods do not get "
+            "objectStore.credentialsSecret",
         ),
         (
             {"jobs": {"items": [{**JOBS["jobs"]["items"][1], "workerGroups": [GPU_GROUPS["workerGroups"][1] | {"replicas": 5}]}]}},  # noqa: E501
@@ -815,8 +844,30 @@ def test_ingress_routes_tls_to_the_serve_service(helm, tmp):
     assert (path["path"], path["pathType"]) == ("/v1", "Prefix")
     assert path["backend"]["service"] == {"name": f"{SERVICE}-serve-svc", "port": {"number": 8000}}
     assert ingress["metadata"]["annotations"] == INGRESS["ingress"]["annotations"]
-    plain = render(helm, tmp, {"ingress": {**INGRESS["ingress"], "tls": {"enabled": False, "secretName": ""}}})
+    plain = render(
+        helm, tmp, {**INGRESS, "ingress": {**INGRESS["ingress"], "tls": {"enabled": False, "secretName": ""}}}
+    )
     assert "tls" not in by_kind(plain, "Ingress")["spec"]
+
+
+def test_ingress_without_api_keys_needs_an_explicit_value(helm, tmp):
+    # Refused by default (test_template_rejects_inconsistent_values); rendered, with auth off, when asked for.
+    values = {"ingress": INGRESS["ingress"], "serving": {"allowUnauthenticated": True}}
+    objects = render(helm, tmp, values)
+    assert by_kind(objects, "Ingress")["spec"]["rules"][0]["host"] == "llm.example.com"
+    (app,) = yaml.safe_load(by_kind(objects, "RayService")["spec"]["serveConfigV2"])["applications"]
+    assert "auth" not in app["args"]
+    assert "API-key auth is OFF: anyone who reaches port 8000 or the Ingress" in render_notes(helm, tmp, values)
+
+
+def test_api_key_secret_turns_auth_on_in_the_serve_config(helm, tmp):
+    """Configuration only; tests/test_helm_serving_auth.py deploys this config and checks 401/401/200 over HTTP."""
+    serving_config = pytest.importorskip("serving.config", reason="the serving package is not importable")
+    (app,) = yaml.safe_load(by_kind(render(helm, tmp, INGRESS), "RayService")["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["auth"] == {"enabled": True, "keys_file_env": "RAYTRAIN_API_KEYS_FILE"}
+    assert serving_config.ServeAppConfig.load(app["args"]).auth.enabled is True
+    (app,) = yaml.safe_load(by_kind(render(helm, tmp), "RayService")["spec"]["serveConfigV2"])["applications"]
+    assert "auth" not in app["args"]
 
 
 def test_api_keys_reach_only_the_serving_pods(helm, tmp):
@@ -845,6 +896,13 @@ def test_object_store_settings(helm, tmp):
         "jobs": {"items": [{"name": "data", "stage": "data", "recipe": "demo"}]},
     }
     objects = render(helm, tmp, values)
+    keys = [
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "access-key-id"}}},
+        {
+            "name": "AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "secret-access-key"}},
+        },
+    ]
     for where, template in _ray_pods(objects):
         if where.endswith("submitterPodTemplate"):
             continue
@@ -852,15 +910,60 @@ def test_object_store_settings(helm, tmp):
         assert env == [
             {"name": "AWS_ENDPOINT_URL", "value": "http://minio.minio:9000"},
             {"name": "AWS_DEFAULT_REGION", "value": "eu-west-1"},
-            {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "access-key-id"}}},
-            {
-                "name": "AWS_SECRET_ACCESS_KEY",
-                "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "secret-access-key"}},
-            },
+            # The serving pods never get the training keys (test_serving_pods_cannot_write_where_training_reads).
+            *([] if where.startswith("RayService") else keys),
             {"name": "HF_HOME", "value": "/tmp/hf"},
         ], where
     job = by_kind(objects, "RayJob")
     assert "storage.root=s3://ml/raytrain" in shlex.split(job["spec"]["entrypoint"])
+
+
+def test_serving_pods_cannot_write_where_training_reads(helm, tmp):
+    """Serving faces the internet; DeepSpeed unpickles checkpoints: serving gets read-only storage only."""
+    values = {
+        "persistence": {"enabled": True},
+        "objectStore": {"root": "s3://ml/raytrain", "credentialsSecret": "s3-train"},
+        "serving": {
+            "models": [{"name": "m", "path": "s3://ml/raytrain/models/m/1"}],
+            "storageCredentials": {
+                "existingSecret": "s3-serve-ro",
+                "accessKeyIdKey": "id",
+                "secretAccessKeyKey": "key",
+            },
+        },
+        "jobs": {"items": [{"name": "data", "stage": "data", "recipe": "demo"}]},
+    }
+    objects = render(helm, tmp, values)
+    seen = set()
+    for where, template in _ray_pods(objects):
+        if where.endswith("submitterPodTemplate"):
+            continue
+        pod = template["spec"]
+        ray = pod["containers"][0]
+        (mount,) = [m for m in ray["volumeMounts"] if m["name"] == "shared-storage"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "shared-storage"]
+        secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in ray["env"] if "valueFrom" in e}
+        serving = where.startswith("RayService")
+        seen.add(serving)
+        if serving:
+            assert mount["readOnly"] is True, where
+            assert volume["persistentVolumeClaim"]["readOnly"] is True, where
+            assert secrets == {
+                "AWS_ACCESS_KEY_ID": {"name": "s3-serve-ro", "key": "id"},
+                "AWS_SECRET_ACCESS_KEY": {"name": "s3-serve-ro", "key": "key"},
+            }, where
+            assert "s3-train" not in json.dumps(template), where
+        else:
+            assert not mount.get("readOnly") and not volume["persistentVolumeClaim"].get("readOnly"), where
+            assert {s["name"] for s in secrets.values()} == {"s3-train"}, where
+    assert seen == {True, False}
+
+    # Models on the shared volume need no keys: the serving pods then get none at all.
+    values["serving"] = {"models": [{"name": "m", "path": "/data/artifacts/models/m/1"}]}
+    for where, template in _ray_pods(render(helm, tmp, values)):
+        if where.startswith("RayService"):
+            names = {e["name"] for e in template["spec"]["containers"][0].get("env", [])}
+            assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, where
 
 
 # --- RayJobs --------------------------------------------------------------------------------------
@@ -972,7 +1075,10 @@ def test_notes_tell_how_to_reach_the_ingress_jobs_and_dashboards(helm, tmp):
     notes = render_notes(helm, tmp, {**INGRESS, **JOBS})
     assert "Through the Ingress: https://llm.example.com/v1/models" in notes
     assert "Clients must send a key from Secret raytrain-api-keys (key api-keys)" in notes
+    assert 'curl -H "Authorization: Bearer $RAYTRAIN_API_KEY" http://localhost:8000/v1/models' in notes
+    assert "auth is OFF" not in notes.replace("Ray token auth is OFF", "")
     assert f"kubectl -n {NAMESPACE} get rayjobs -l app.kubernetes.io/instance={RELEASE}" in notes
     assert 'labelled\n{"grafana_dashboard":"1"}' in notes
     plain = render_notes(helm, tmp)
     assert "Through the Ingress" not in plain and "get rayjobs -l" not in plain
+    assert "API-key auth is OFF: anyone who reaches port 8000 can call the models." in plain

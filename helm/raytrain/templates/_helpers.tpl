@@ -109,9 +109,9 @@ the autoscaler sidecar; the first container must be the Ray container.
 {{- $group := .group }}
 {{- $serving := eq .component "serving" }}
 {{- $apiKeys := and $serving $v.serving.apiKeys.existingSecret }}
-{{- $env := concat (include "raytrain.objectStoreEnv" $root | fromYamlArray) $v.env }}
+{{- $env := concat (include "raytrain.objectStoreEnv" (dict "root" $root "serving" $serving) | fromYamlArray) $v.env }}
 {{- if $apiKeys }}
-{{- $env = append $env (dict "name" "RAYTRAIN_API_KEYS_FILE" "value" (printf "/etc/raytrain/api-keys/%s" $v.serving.apiKeys.key)) }}
+{{- $env = append $env (dict "name" "RAYTRAIN_API_KEYS_FILE" "value" (include "raytrain.apiKeysFile" $root)) }}
 {{- end -}}
 metadata:
   labels:
@@ -158,22 +158,29 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       volumeMounts:
-        {{- include "raytrain.scratchMounts" $root | nindent 8 }}
+        {{- include "raytrain.scratchMounts" $root | trim | nindent 8 }}
         {{- if $v.persistence.enabled }}
         - name: shared-storage
           mountPath: {{ $v.persistence.mountPath }}
+          {{- if $serving }}
+          # Serving faces the internet and only reads models: it must not write where training reads.
+          readOnly: true
+          {{- end }}
         {{- end }}
         {{- if $apiKeys }}
         - name: api-keys
-          mountPath: /etc/raytrain/api-keys
+          mountPath: {{ include "raytrain.apiKeysDir" $root }}
           readOnly: true
         {{- end }}
   volumes:
-    {{- include "raytrain.scratchVolumes" $root | nindent 4 }}
+    {{- include "raytrain.scratchVolumes" $root | trim | nindent 4 }}
     {{- if $v.persistence.enabled }}
     - name: shared-storage
       persistentVolumeClaim:
         claimName: {{ include "raytrain.claimName" $root }}
+        {{- if $serving }}
+        readOnly: true
+        {{- end }}
     {{- end }}
     {{- if $apiKeys }}
     - name: api-keys
@@ -192,7 +199,7 @@ Writable directories of a read-only root filesystem. /tmp/ray is the volume Kube
 - name: scratch-{{ $i }}
   mountPath: {{ $path }}
 {{- end }}
-{{/* after /tmp, which it sits in */}}
+{{- /* after /tmp, which it sits in */}}
 - name: ray-logs
   mountPath: /tmp/ray
 {{- end }}
@@ -219,9 +226,19 @@ Writable directories of a read-only root filesystem. /tmp/ray is the volume Kube
 {{- end }}
 {{- end }}
 
-{{/* Object-store environment (pyarrow.fs reads the AWS_* variables), as a YAML list. */}}
+{{/*
+Object-store environment (pyarrow.fs reads the AWS_* variables), as a YAML list. Call with
+(dict "root" $ "serving" <bool>). Serving pods get serving.storageCredentials (meant to be read-only),
+never objectStore.credentialsSecret: DeepSpeed unpickles checkpoints, so an internet-facing pod that can
+write where training reads could run code on the training clusters.
+*/}}
 {{- define "raytrain.objectStoreEnv" -}}
-{{- $o := .Values.objectStore }}
+{{- $o := .root.Values.objectStore }}
+{{- $keys := dict "secret" $o.credentialsSecret "id" $o.accessKeyIdKey "key" $o.secretAccessKeyKey }}
+{{- if .serving }}
+{{- $c := default (dict) .root.Values.serving.storageCredentials }}
+{{- $keys = dict "secret" $c.existingSecret "id" $c.accessKeyIdKey "key" $c.secretAccessKeyKey }}
+{{- end }}
 {{- $env := list }}
 {{- with $o.endpoint }}
 {{- $env = append $env (dict "name" "AWS_ENDPOINT_URL" "value" .) }}
@@ -229,11 +246,20 @@ Writable directories of a read-only root filesystem. /tmp/ray is the volume Kube
 {{- with $o.region }}
 {{- $env = append $env (dict "name" "AWS_DEFAULT_REGION" "value" .) }}
 {{- end }}
-{{- with $o.credentialsSecret }}
-{{- $env = append $env (dict "name" "AWS_ACCESS_KEY_ID" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $o.accessKeyIdKey))) }}
-{{- $env = append $env (dict "name" "AWS_SECRET_ACCESS_KEY" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $o.secretAccessKeyKey))) }}
+{{- with $keys.secret }}
+{{- $env = append $env (dict "name" "AWS_ACCESS_KEY_ID" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $keys.id))) }}
+{{- $env = append $env (dict "name" "AWS_SECRET_ACCESS_KEY" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $keys.key))) }}
 {{- end }}
 {{- toYaml $env }}
+{{- end }}
+
+{{/* Where the serving pods mount the API-key Secret, and the keys file in it (RAYTRAIN_API_KEYS_FILE). */}}
+{{- define "raytrain.apiKeysDir" -}}
+/etc/raytrain/api-keys
+{{- end }}
+
+{{- define "raytrain.apiKeysFile" -}}
+{{- printf "%s/%s" (include "raytrain.apiKeysDir" .) .Values.serving.apiKeys.key }}
 {{- end }}
 
 {{/* Storage root the chart's RayJobs pass as storage.root; empty when the recipe's own applies. */}}
@@ -329,7 +355,9 @@ workerGroupSpecs:
 
 {{/*
 Ray Serve config (serveConfigV2) of the RayService: one application built by serving.app:build_app with
-args from .Values.serving.
+args from .Values.serving. With an API-key Secret, `auth` is on and reads the keys file named by
+RAYTRAIN_API_KEYS_FILE, which the pod template sets on the serving pods to where it mounts the Secret
+(serving.config.AuthConfig; a replica that finds no key refuses to start).
 */}}
 {{- define "raytrain.serveConfig" -}}
 {{- $s := .Values.serving }}
@@ -343,6 +371,9 @@ args from .Values.serving.
       "min_replicas" (int $s.minReplicas)
       "max_replicas" (int $s.maxReplicas)
       "target_ongoing_requests" (float64 $s.targetOngoingRequests) }}
+{{- if $s.apiKeys.existingSecret }}
+{{- $_ := set $args "auth" (dict "enabled" true "keys_file_env" "RAYTRAIN_API_KEYS_FILE") }}
+{{- end }}
 {{- $app := dict "name" $s.appName "import_path" "serving.app:build_app" "route_prefix" "/" "args" $args }}
 {{- toYaml (dict
       "proxy_location" "EveryNode"
