@@ -12,7 +12,7 @@ DEEPSPEED   := deepspeed==0.19.8
 STAMP  := $(VENV)/.installed
 TOOLS  := .tools/node_modules/.bin
 
-.PHONY: install demo test lint tools promtool bench-data clean
+.PHONY: install demo test lint tools promtool bench-data clean k8s-manifests gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -54,6 +54,42 @@ test: install tools
 
 bench-data: install .venv-datatrove/.installed
 	$(BIN)/raytrain bench data --num-docs 100000
+
+# k8s/base/ is the Helm chart rendered with k8s/values-base.yaml: regenerate it after changing either
+# (tests/test_k8s.py fails while it differs).
+k8s-manifests: $(TOOLS)/helm
+	$(PYTHON) k8s/generate.py
+
+# ---- The GPU check: the training loop under NCCL (ZeRO-2/3, bf16, checkpoint, resume, export, reload,
+# perplexity) and the MFU benchmark of the 1b preset at 2048 tokens, on a machine with CUDA PyTorch and
+# transformers but no Ray and no network. `make gpu-wheels` (here, with network) puts DeepSpeed's sdist and
+# the small packages the check needs into $(GPU_WHEELS)/ for that machine's Python ($(GPU_PYVER)); copy the
+# repo with that folder over and run `make gpu-check` there. Without CUDA its GPU parts skip.
+GPU_PY     ?= python3
+GPU_PYVER  ?= 3.11
+GPU_WHEELS ?= .gpu-wheels
+GPU_PKGS   := hjson py-cpuinfo einops msgpack tqdm psutil ninja pyyaml pytest pydantic==2.14.3
+# pyarrow (the Parquet shards) is 45 MB of the 64 MB a lent GPU machine's copy may hold: GPU_ARROW= skips it
+# where the GPU image already has pyarrow.
+GPU_ARROW  ?= pyarrow==26.0.1
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q -d $(GPU_WHEELS) --no-deps --no-binary=:all: "$(DEEPSPEED)"
+	$(PYTHON) -m pip download -q -d $(GPU_WHEELS) --only-binary=:all: --python-version $(GPU_PYVER) \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		$(GPU_PKGS)
+	$(if $(GPU_ARROW),$(PYTHON) -m pip download -q -d $(GPU_WHEELS) --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYVER) --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 $(GPU_ARROW))
+	@du -sh $(GPU_WHEELS)
+
+gpu-check:
+	@if [ -d $(GPU_WHEELS) ]; then $(GPU_PY) -m pip install -q --no-index --find-links $(GPU_WHEELS) \
+		--no-build-isolation "$(DEEPSPEED)" $(GPU_PKGS) $(wildcard $(GPU_WHEELS)/pyarrow-*.whl); fi
+	PYTHONPATH=. $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu tests/test_train_loop.py
+	@if $(GPU_PY) -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then \
+		PYTHONPATH=. $(GPU_PY) -m raytrain.bench.train --device cuda --preset 1b --seq-len 2048 --precision bf16 \
+			--zero-stage 2 --micro-batch-size 4 --steps 24 --rounds 2 --out gpu-check-bench.json; \
+	else echo "gpu-check: no CUDA device, MFU benchmark skipped"; fi
 
 lint: install
 	$(BIN)/ruff check raytrain serving jobs tests

@@ -118,30 +118,29 @@ def test_each_sample_once_per_epoch(root: Path, reference: dict) -> None:
     assert len(set(first_epoch)) == len(first_epoch), "a sequence repeated within an epoch"
 
 
-def _train_workers() -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-            found.append(p)
-    return found
-
-
 def test_worker_killed_mid_run_recovers_by_itself(root: Path, reference: dict) -> None:
-    """kill -9 of a training worker process after step 6: Ray Train replaces the worker group,
-    resumes from the step-4 checkpoint, and the run ends exactly like the uninterrupted one."""
+    """kill -9 of this run's rank-1 worker after step 6 (its pid as the run reports it in its step-6
+    sample log): Ray Train replaces the worker group, resumes from the step-4 checkpoint, and the run
+    ends exactly like the uninterrupted one."""
     from raytrain.train.trainer import run_pretrain
 
     killed: list[int] = []
+    step6 = root / "runs" / "killed" / "samples" / "step-0000006-rank1.json"
 
     def killer() -> None:
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            if (root / "runs" / "killed" / "samples" / "step-0000006-rank1.json").exists():
-                workers = _train_workers()
-                if workers:
-                    workers[-1].kill()
-                    killed.append(workers[-1].pid)
-                    return
+            if step6.exists():
+                try:
+                    pid = json.loads(step6.read_text())["pid"]
+                except (ValueError, KeyError):  # caught mid-write: try again
+                    time.sleep(0.05)
+                    continue
+                proc = psutil.Process(pid)
+                assert "RayTrainWorker" in " ".join(proc.cmdline()), proc.cmdline()
+                proc.kill()
+                killed.append(pid)
+                return
             time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)
