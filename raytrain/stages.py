@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -57,15 +58,16 @@ def _serve(spec: JobSpec, started_local: bool) -> dict[str, Any]:
 
 
 def _pipeline(spec: JobSpec, started_local: bool) -> dict[str, Any]:
-    from raytrain.deploy import complete, deploy
+    from raytrain.deploy import client_api_key, complete, deploy
 
+    api_key = client_api_key(spec)  # before training: the demo request at the end needs a key when serve.auth is on
     summary: dict[str, Any] = {}
     for name, fn in (("data", _data), ("pretrain", _pretrain), ("eval", _eval)):
         t0 = time.time()
         summary[name] = fn(spec, started_local)
         summary[name]["seconds"] = round(time.time() - t0, 1)
     url = deploy(spec)
-    reply = complete(url, spec.served_model_name, spec.serve.demo_prompt, spec.serve.demo_max_tokens)
+    reply = complete(url, spec.served_model_name, spec.serve.demo_prompt, spec.serve.demo_max_tokens, api_key=api_key)
     text = reply["choices"][0]["text"]
     summary["serve"] = {"url": f"{url}/v1", "model": spec.served_model_name, "prompt": spec.serve.demo_prompt,
                         "completion": text}
@@ -83,6 +85,28 @@ RUNNERS: dict[str, Callable[[JobSpec, bool], dict[str, Any]]] = {
 }
 
 
+def relative_root_problem(root: str, cwd: str | None = None, env: dict[str, str] | None = None) -> str | None:
+    """Why a relative storage root cannot work here, or None.
+
+    A job submitted with `ray job submit --working-dir .` runs in Ray's temporary copy of that directory
+    (under the Ray session's runtime_resources/): a relative root would put every artifact there, where the
+    user never looks, that vanishes with the session, and that a re-submission replaces with a new copy.
+    """
+    env = os.environ if env is None else env
+    cwd = cwd or os.getcwd()
+    path = root.removeprefix("file://")
+    if "://" in path or os.path.isabs(os.path.expanduser(path)):
+        return None
+    submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in env  # set by Ray's job supervisor for the job's driver
+    in_runtime_dir = f"{os.sep}runtime_resources{os.sep}" in cwd + os.sep
+    if not (submitted or in_runtime_dir):
+        return None
+    return (f"storage.root is the relative path {root!r}, but this stage runs as a Ray job in {cwd} "
+            "(Ray's temporary copy of the job's working directory): the artifacts would land there and be lost. "
+            "Set an absolute path on a one-machine cluster (e.g. storage.root=$PWD/artifacts on the "
+            "`ray job submit` line) or an object-store URI (storage.root=s3://bucket/prefix) on a remote one.")
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -94,6 +118,10 @@ def run_stage(stage: str, config: str | None, overrides: list[str]) -> int:
         spec = load_spec(config, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problem = relative_root_problem(spec.storage.root)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     from raytrain.cluster import connect
 

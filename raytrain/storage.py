@@ -87,7 +87,26 @@ def read_json(path: str) -> Any:
     return json.loads(read_bytes(path))
 
 
+def _segments(path: str) -> list[str]:
+    body = path.split("://", 1)[1] if "://" in path else path
+    return [seg for seg in body.split("/") if seg]
+
+
+def check_owned(path: str, min_depth: int = 2) -> None:
+    """Refuse a destructive operation on a path that climbs ('.', '..') or is too close to a filesystem root.
+
+    Every artifact directory a stage replaces is at least <root>/<kind>/<name>; a path with '..' in it, or
+    '/' or '/home', is a bug or a hostile name and must never be deleted or overwritten.
+    """
+    segs = _segments(path)
+    if any(seg in (".", "..") for seg in segs):
+        raise ValueError(f"refusing to delete or overwrite {path!r}: it contains '.' or '..'")
+    if len(segs) < min_depth:
+        raise ValueError(f"refusing to delete or overwrite {path!r}: too close to the filesystem root")
+
+
 def remove_tree(path: str) -> None:
+    check_owned(path)
     fs, p = filesystem(path)
     if fs.get_file_info(p).type == pafs.FileType.Directory:
         fs.delete_dir(p)
@@ -95,6 +114,7 @@ def remove_tree(path: str) -> None:
 
 def upload_dir(local_dir: str | Path, dest: str) -> None:
     """Copy a local directory to a path or URI (replacing what was there)."""
+    check_owned(dest)
     fs, p = filesystem(dest)
     if isinstance(fs, pafs.LocalFileSystem):
         if Path(p).exists():
@@ -119,23 +139,30 @@ def local_dir(path: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def component(name: str) -> str:
+    """`name` if it is one safe path component (specs validate this too; this guards every other caller)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"{name!r} is not a valid artifact name: it must be one path component, not '.' or '..'")
+    return name
+
+
 class Layout:
-    """Where each artifact lives under the storage root."""
+    """Where each artifact lives under the storage root; every name must be one path component."""
 
     def __init__(self, root: str) -> None:
         self.root = normalize_root(root)
 
     def dataset(self, name: str) -> str:
-        return join(self.root, "datasets", name)
+        return join(self.root, "datasets", component(name))
 
     def raw(self, name: str) -> str:
-        return join(self.root, "raw", name)
+        return join(self.root, "raw", component(name))
 
     def tokenizer(self, name: str) -> str:
-        return join(self.root, "tokenizers", name)
+        return join(self.root, "tokenizers", component(name))
 
     def runs(self) -> str:
         return join(self.root, "runs")
 
     def model(self, name: str, version: str) -> str:
-        return join(self.root, "models", name, version)
+        return join(self.root, "models", component(name), component(version))
