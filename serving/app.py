@@ -19,19 +19,24 @@ with `stream: true`), `GET /health` (liveness) and `GET /ready` (readiness), and
 typed exceptions; FastAPI's 422 for an invalid body becomes OpenAI's 400.
 
 Every request passes one ASGI middleware first: it checks the API key (when `auth.enabled`) before the body is
-read, and records the request count and latency metrics (see `serving.metrics`) once the last byte is sent.
+read, and records the request count and latency metrics (see `serving.metrics`) once the last byte is sent. A
+stream that fails after its 200 status line is counted with the status of its error (the `status` label says how
+the request ended, not what the status line said).
+
+The OpenAPI document declares the Bearer scheme, on every route that needs a key, exactly when the replica
+requires keys: a schema-driven client (an SDK generator, schemathesis) then knows to send one.
 """
 
 # No `from __future__ import annotations` here: Serve rebuilds route signatures for the class-based view,
 # and FastAPI must see real classes (not strings) to know `body` is a JSON body, not a query parameter.
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPBearer
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -55,7 +60,17 @@ from serving.service import CHAT_ROUTE, COMPLETIONS_ROUTE, OpenAIService
 
 logger = logging.getLogger(__name__)
 
-api = FastAPI(
+
+class _API(FastAPI):
+    """FastAPI whose OpenAPI document follows the replica's auth settings (read when first requested)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            _apply_auth_to_openapi(super().openapi(), _replica.auth.enabled)
+        return self.openapi_schema  # type: ignore[return-value]  # set by super().openapi()
+
+
+api = _API(
     title="raytrain OpenAI-compatible API",
     description="Completions from models trained with raytrain, served by Ray Serve.",
     version="1",
@@ -80,6 +95,27 @@ _STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
 OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 # Route label values; anything else is counted as "other" so that random URLs cannot grow the series count.
 METRIC_ROUTES = frozenset({COMPLETIONS_ROUTE, CHAT_ROUTE, "/v1/models", "/health", "/ready"})
+
+
+BEARER_SCHEME = "HTTPBearer"
+
+
+def _apply_auth_to_openapi(doc: dict[str, Any], auth_enabled: bool) -> None:
+    """Declare the Bearer scheme on every route outside OPEN_PATHS when keys are required; otherwise drop the 401s."""
+    for path, operations in doc.get("paths", {}).items():
+        for operation in operations.values():
+            if path in OPEN_PATHS:
+                continue
+            if auth_enabled:
+                operation["security"] = [{BEARER_SCHEME: []}]
+            else:
+                operation.get("responses", {}).pop("401", None)
+    if auth_enabled:
+        doc.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER_SCHEME] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key: `Authorization: Bearer <key>`.",
+        }
 
 
 class _ReplicaState:
@@ -126,7 +162,9 @@ class EdgeMiddleware:
                     return
             await self.app(scope, receive, send_and_watch)
         finally:
-            model = scope.get("state", {}).get("model", "")
+            state = scope.get("state", {})
+            model = state.get("model", "")
+            status = state.get(FAILED_STATUS, status)  # a stream that failed after its 200 status line
             route = path if path in METRIC_ROUTES else "other"
             _replica.metrics.request(model=model, route=route, status=status, latency_s=time.monotonic() - started)
 
@@ -140,10 +178,15 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 api.add_middleware(EdgeMiddleware)
 
-# Documents the Bearer scheme in the OpenAPI document; the check itself is in EdgeMiddleware, which runs before
-# the body is read (an unauthenticated client learns nothing, not even whether its JSON parsed).
-_bearer_doc = HTTPBearer(auto_error=False, description="An API key, when the server is configured to require one.")
-_AUTH_DOC = [Depends(_bearer_doc)]
+# Request state key under which a stream that fails mid-way leaves its error status for EdgeMiddleware.
+FAILED_STATUS = "failed_status"
+
+
+def _stream_failed(request: Request) -> Callable[[APIError], None]:
+    def record(error: APIError) -> None:
+        setattr(request.state, FAILED_STATUS, error.status_code)
+
+    return record
 
 
 def _error_response(error: APIError) -> JSONResponse:
@@ -245,27 +288,26 @@ class OpenAIServer:
         body = self._service.health()
         return JSONResponse(status_code=200 if body["status"] == "ok" else 503, content=body)
 
-    @api.get("/v1/models", response_model=ModelList, responses=_ERROR_RESPONSES, dependencies=_AUTH_DOC)
+    @api.get("/v1/models", response_model=ModelList, responses=_ERROR_RESPONSES)
     async def list_models(self) -> ModelList:
         return self._service.list_models()
 
-    @api.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM_RESPONSES, dependencies=_AUTH_DOC)
+    @api.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM_RESPONSES)
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         self._label(request, body.model)
         if body.stream:
-            return _event_stream(self._service.complete_stream(body))
+            return _event_stream(self._service.complete_stream(body, on_error=_stream_failed(request)))
         return await self._service.complete(body)
 
     @api.post(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
         responses=_STREAM_RESPONSES,
-        dependencies=_AUTH_DOC,
     )
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         self._label(request, body.model)
         if body.stream:
-            return _event_stream(self._service.chat_stream(body))
+            return _event_stream(self._service.chat_stream(body, on_error=_stream_failed(request)))
         return await self._service.chat(body)
 
     def _label(self, request: Request, model: str) -> None:

@@ -62,6 +62,25 @@ class AuthConfig(BaseModel):
     )
 
 
+class FaultInjection(BaseModel):
+    """Test-only: make the engine fail chosen requests, to check that one request's failure stays its own.
+
+    A request whose prompt contains `prompt_marker` makes the forward pass it takes part in raise — the batched one
+    first, as a real kernel or memory fault would, and then the one it runs alone when the engine isolates the
+    fault. Never set in production: it exists so that tests can fail one request among many over real HTTP.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_marker: str = Field(min_length=1, description="A request whose prompt contains this text fails.")
+    at_token: int = Field(
+        0,
+        ge=0,
+        description="0: its prefill fails; k > 0: the decode step that would sample its token k+1 fails, after k "
+        "tokens were generated (and streamed).",
+    )
+
+
 class ServeAppConfig(BaseModel):
     """Everything `build_app` needs: which models to serve, request limits and how replicas scale."""
 
@@ -143,8 +162,11 @@ class ServeAppConfig(BaseModel):
             "reserves one, so `device: cuda` needs this > 0."
         ),
     )
+    fault_injection: FaultInjection | None = Field(
+        None, description="Test-only (see FaultInjection): fail the requests whose prompt carries a marker."
+    )
 
-    @field_validator("models", "auth", mode="before")
+    @field_validator("models", "auth", "fault_injection", mode="before")
     @classmethod
     def _models_from_json(cls, value: Any) -> Any:
         # `serve run serving.app:build_app models=...` hands every argument over as a string.

@@ -18,7 +18,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from serving.detokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from serving.config import FaultInjection
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,10 @@ class TextDelta:
 
 class NoChatTemplateError(ValueError):
     """The model's tokenizer carries no chat template, so a conversation cannot be rendered for it."""
+
+
+class InjectedFault(RuntimeError):
+    """The failure a test asked for with :class:`~serving.config.FaultInjection`; never raised otherwise."""
 
 
 class ContextWindowError(ValueError):
@@ -130,9 +139,11 @@ class Engine(Protocol):
         ...
 
 
-def load_engine(path: str, device: str = "auto", max_batch_size: int = 16) -> Engine:
+def load_engine(
+    path: str, device: str = "auto", max_batch_size: int = 16, fault_injection: FaultInjection | None = None
+) -> Engine:
     """The engine for a model directory; the one place that chooses a backend."""
-    return TorchEngine(path, device=device, max_batch_size=max_batch_size)
+    return TorchEngine(path, device=device, max_batch_size=max_batch_size, fault_injection=fault_injection)
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -165,9 +176,19 @@ class _Sequence:
     generator: Any  # torch.Generator: each request samples from its own, so seeds never interfere
     stops: list[str]
     emit: Callable[[TextDelta | GenerationResult | BaseException], None]
+    detokenizer: IncrementalDetokenizer
     produced: list[int] = field(default_factory=list)  # every sampled id, end-of-text included
-    sent: int = 0  # characters of the completion already emitted as deltas
+    sent: list[str] = field(default_factory=list)  # text pieces already emitted as deltas, in order
+    # Decoded text not yet emitted: at most the longest stop sequence minus one character, which could still turn
+    # into a stop sequence with the next token.
+    pending: str = ""
     cancelled: bool = False  # set by the consumer (client went away); the engine drops the row
+    faulty: bool = False  # test-only: its prompt carries the FaultInjection marker
+
+    @property
+    def hold(self) -> int:
+        """Characters held back from streaming while the next token might complete a stop sequence."""
+        return max((len(s) for s in self.stops), default=1) - 1
 
 
 @dataclass(eq=False)
@@ -199,10 +220,23 @@ class TorchEngine:
     The decode loop is our own rather than `model.generate` because each request keeps its own sampling
     parameters and `torch.Generator` (a seeded request gives the same text alone or in a batch, up to float
     rounding), and because tokens stream out as they are sampled. Sampling uses transformers' logits warpers.
+
+    A failure belongs to the requests it came from. A forward pass that raises has sampled and sent nothing yet,
+    so it is retried one request at a time: a failed prefill re-runs each newcomer alone; a failed decode step first
+    restores the shared KV cache (DynamicCache appends by concatenation, so the tensors from before the step are
+    intact) and then runs each row alone from its own slice of it. Rows that fail alone are failed; the others
+    carry on, batched again. An error while sampling or detokenizing one row fails that row only. Detokenization
+    is incremental (:mod:`serving.detokenizer`), so the work per token does not grow with the completion.
+
+    `fault_injection` is test-only (see :class:`~serving.config.FaultInjection`).
     """
 
     def __init__(
-        self, path: str, device: Literal["auto", "cpu", "cuda"] | str = "auto", max_batch_size: int = 16
+        self,
+        path: str,
+        device: Literal["auto", "cpu", "cuda"] | str = "auto",
+        max_batch_size: int = 16,
+        fault_injection: FaultInjection | None = None,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -212,6 +246,9 @@ class TorchEngine:
         self.path = path
         self.device = self._resolve_device(device)
         self.max_batch_size = max_batch_size
+        self._fault = fault_injection
+        if fault_injection is not None:
+            logger.warning("TEST-ONLY fault injection is on: prompts containing its marker fail (%s)", fault_injection)
         tmp: str | None = None
         try:
             if _is_uri(path):
@@ -238,6 +275,7 @@ class TorchEngine:
         self._pad_id = int(pad) if pad is not None else min(self._eos_ids, default=0)
         # Fast tokenizers may mutate their padding/truncation state per call: one caller at a time.
         self._tok_lock = threading.Lock()
+        self._detok_decode = self._make_detok_decode()
         self._cv = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._scheduler = threading.Thread(target=self._run, name="torch-engine-scheduler", daemon=True)
@@ -297,9 +335,27 @@ class TorchEngine:
         with self._tok_lock:
             return list(self._tokenizer(text)["input_ids"])
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        with self._tok_lock:
-            return self._tokenizer.decode([i for i in ids if i not in self._eos_ids], skip_special_tokens=True)
+    def _new_detokenizer(self) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self._detok_decode)
+
+    def _make_detok_decode(self) -> Callable[[Sequence[int]], str]:
+        """The decode function of the scheduler thread's detokenizers.
+
+        A private copy of the Rust tokenizer: the scheduler decodes every step without waiting for (or blocking) the
+        request threads that encode prompts under `_tok_lock`. Special tokens are skipped, as in the API's output.
+        """
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            private = Tokenizer.from_str(backend.to_str())
+            return lambda ids: private.decode(list(ids), skip_special_tokens=True)
+
+        def decode(ids: Sequence[int]) -> str:  # a slow (Python) tokenizer: shared, so under the lock
+            with self._tok_lock:
+                return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+        return decode
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         if not getattr(self._tokenizer, "chat_template", None):
@@ -349,7 +405,8 @@ class TorchEngine:
             generator.manual_seed(seed % 2**64)  # manual_seed takes an unsigned 64-bit value
         else:
             generator.seed()
-        seq = _Sequence(ids, max_tokens, warpers, generator, [s for s in stop if s], emit)
+        seq = _Sequence(ids, max_tokens, warpers, generator, [s for s in stop if s], emit, self._new_detokenizer())
+        seq.faulty = self._fault is not None and self._fault.prompt_marker in prompt
         with self._cv:
             self._waiting.append(seq)
             self._cv.notify()
@@ -421,19 +478,114 @@ class TorchEngine:
             try:
                 with torch.inference_mode():
                     if batch is not None:
-                        batch = self._decode_step(batch)
+                        batch = self._decode_isolating(batch)
                     if newcomers:
-                        fresh = self._prefill(newcomers)
+                        fresh = self._prefill_isolating(newcomers)
                         if batch is None:
                             batch = fresh
                         elif fresh is not None:
                             batch = self._merge(batch, fresh)
-            except Exception as exc:  # a failed forward pass fails its requests, never the scheduler
-                failed = (batch.seqs if batch else []) + newcomers
-                logger.exception("generation step failed; failing %d request(s)", len(failed))
+            except Exception as exc:
+                # Only what cannot be pinned on a request gets here (reshaping the batch after rows were sampled):
+                # it fails the requests in the batch, never the scheduler.
+                failed = [s for s in (batch.seqs if batch else []) + newcomers if not s.cancelled]
+                logger.exception("batch bookkeeping failed; failing %d request(s)", len(failed))
                 for seq in failed:
                     _safe_emit(seq, exc)
                 batch = None
+
+    def _fail(self, seqs: Sequence[_Sequence], exc: BaseException) -> None:
+        for seq in seqs:
+            if not seq.cancelled:
+                _safe_emit(seq, exc)
+            seq.cancelled = True
+
+    def _forward(self, seqs: Sequence[_Sequence], **inputs: Any) -> tuple[Any, Any, list[int]]:
+        """One forward pass for `seqs`: (model output, last-position logits as float, greedy ids).
+
+        Any failure is raised as :class:`_ForwardFailed`: nothing was sampled or sent for these rows yet, so the
+        caller may retry them.
+        """
+        try:
+            if self._fault is not None:
+                hit = [s for s in seqs if s.faulty and len(s.produced) == self._fault.at_token]
+                if hit:
+                    raise InjectedFault(
+                        f"injected fault (test-only) in a forward pass of {len(seqs)} row(s), "
+                        f"{len(hit)} of them marked, after {self._fault.at_token} token(s)"
+                    )
+            out = self._model(**inputs, use_cache=True)
+            logits = out.logits[:, -1, :].float()  # (batch, vocab)
+            return out, logits, logits.argmax(dim=-1).tolist()
+        except Exception as exc:
+            raise _ForwardFailed() from exc
+
+    def _prefill_isolating(self, seqs: list[_Sequence]) -> _Batch | None:
+        """Prefill newcomers together; if that fails, each alone, failing only those that fail alone."""
+        try:
+            return self._prefill(seqs)
+        except _ForwardFailed as failed:
+            cause = failed.__cause__ or failed
+            if len(seqs) == 1:
+                logger.error("prefill failed; failing its request: %r", cause, exc_info=cause)
+                self._fail(seqs, cause)
+                return None
+            logger.warning("prefill of %d requests failed (%r); retrying each alone", len(seqs), cause)
+        batch: _Batch | None = None
+        for seq in seqs:
+            try:
+                alone = self._prefill([seq])
+            except _ForwardFailed as failed:
+                cause = failed.__cause__ or failed
+                logger.error("prefill failed for one request alone; failing it: %r", cause, exc_info=cause)
+                self._fail([seq], cause)
+                continue
+            if alone is not None:
+                batch = alone if batch is None else self._merge(batch, alone)
+        return batch
+
+    def _decode_isolating(self, batch: _Batch) -> _Batch | None:
+        """One decode step for the batch; if the forward pass fails, one step per row, failing only rows that fail."""
+        # DynamicCache grows by concatenation: keeping these references is keeping the cache as it was.
+        before = [(layer.keys, layer.values) for layer in batch.cache.layers]
+        try:
+            return self._decode_step(batch)
+        except _ForwardFailed as failed:
+            cause = failed.__cause__ or failed
+            # Layers before the failing one already appended this step's keys/values: put the cache back.
+            for layer, (keys, values) in zip(batch.cache.layers, before, strict=True):
+                layer.keys, layer.values = keys, values
+            if len(batch.seqs) == 1:
+                logger.error("decode step failed; failing its request: %r", cause, exc_info=cause)
+                self._fail(batch.seqs, cause)
+                return None
+            logger.warning("decode step of %d rows failed (%r); retrying each row alone", len(batch.seqs), cause)
+        survivors: _Batch | None = None
+        for row in self._split(batch, before):
+            try:
+                alone = self._decode_step(row)
+            except _ForwardFailed as failed:
+                cause = failed.__cause__ or failed
+                logger.error("decode step failed for one request alone; failing it: %r", cause, exc_info=cause)
+                self._fail(row.seqs, cause)
+                continue
+            if alone is not None:
+                survivors = alone if survivors is None else self._merge(survivors, alone)
+        return survivors
+
+    def _split(self, batch: _Batch, layers: Sequence[tuple[Any, Any]]) -> list[_Batch]:
+        """One single-row batch per live row, each with its own slice of the cache."""
+        from transformers import DynamicCache
+
+        rows = []
+        for i, seq in enumerate(batch.seqs):
+            if seq.cancelled:
+                continue
+            cache = DynamicCache([(k[i : i + 1], v[i : i + 1]) for k, v in layers], config=self._model.config)
+            rows.append(
+                _Batch([seq], cache, batch.mask[i : i + 1], batch.next_ids[i : i + 1], batch.positions[i : i + 1])
+            )
+        return rows
 
     def _prefill(self, seqs: list[_Sequence]) -> _Batch | None:
         import torch
@@ -447,41 +599,44 @@ class TorchEngine:
             mask[row, longest - n :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)  # (batch, longest)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first real token
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out, logits, greedy = self._forward(seqs, input_ids=ids, attention_mask=mask, position_ids=positions)
         batch = _Batch(seqs, out.past_key_values, mask, None, mask.sum(-1, keepdim=True))
-        return self._sample_and_prune(batch, out.logits[:, -1, :])
+        return self._sample_and_prune(batch, logits, greedy)
 
     def _decode_step(self, batch: _Batch) -> _Batch | None:
         import torch
 
         mask = torch.cat([batch.mask, torch.ones_like(batch.next_ids)], dim=-1)  # (batch, cached_len + 1)
-        out = self._model(
+        out, logits, greedy = self._forward(
+            batch.seqs,
             input_ids=batch.next_ids,
             attention_mask=mask,
             position_ids=batch.positions,
             past_key_values=batch.cache,
-            use_cache=True,
         )
         batch.mask, batch.cache, batch.positions = mask, out.past_key_values, batch.positions + 1
-        return self._sample_and_prune(batch, out.logits[:, -1, :])
+        return self._sample_and_prune(batch, logits, greedy)
 
-    def _sample_and_prune(self, batch: _Batch, logits: Any) -> _Batch | None:
-        """Sample each row's next token (logits: (batch, vocab)), stream it, and drop rows that are done."""
+    def _sample_and_prune(self, batch: _Batch, logits: Any, greedy: list[int]) -> _Batch | None:
+        """Sample each row's next token (logits: (batch, vocab)), stream it, and drop rows that are done or failed."""
         import torch
 
-        logits = logits.float()
-        greedy = logits.argmax(dim=-1).tolist()  # (batch,)
         next_ids: list[int] = []
         keep: list[int] = []
         for row, seq in enumerate(batch.seqs):
-            if seq.warpers is None:
-                token = greedy[row]
-            else:
-                scores = seq.warpers(_NO_INPUT_IDS, logits[row : row + 1])  # (1, vocab), filtered at -inf
-                token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=seq.generator).item())
+            token = self._pad_id  # what a failed row feeds until it is dropped below
+            try:
+                if seq.warpers is None:
+                    token = greedy[row]
+                else:
+                    scores = seq.warpers(_NO_INPUT_IDS, logits[row : row + 1])  # (1, vocab), filtered at -inf
+                    token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=seq.generator).item())
+                if not seq.cancelled and not self._advance(seq, token):
+                    keep.append(row)
+            except Exception as exc:  # this row's sampling or text: its own failure, not its neighbours'
+                logger.exception("sampling or detokenizing failed for one request; failing it alone")
+                self._fail([seq], exc)
             next_ids.append(token)
-            if not seq.cancelled and not self._advance(seq, token):
-                keep.append(row)
         if not keep:
             return None
         batch.next_ids = torch.tensor(next_ids, device=self.device).unsqueeze(-1)  # (batch, 1)
@@ -524,40 +679,56 @@ class TorchEngine:
         return a
 
     def _advance(self, seq: _Sequence, token: int) -> bool:
-        """Record `token` for `seq`, stream what text is now final, and say whether the sequence is finished."""
+        """Record `token` for `seq`, stream what text is now final, and say whether the sequence is finished.
+
+        Constant work per token: the detokenizer decodes a short window, and stop sequences are searched for only in
+        the text not yet streamed (shorter than the longest stop sequence, plus this token's text). A stop sequence
+        cannot start in text already streamed, since the last `hold` characters are always kept back.
+        """
         seq.produced.append(token)
+        eos = token in self._eos_ids
+        piece = "" if eos else seq.detokenizer.push(token)  # end-of-text tokens are not part of the text
+        last = eos or len(seq.produced) >= seq.max_tokens
+        if last:
+            piece += seq.detokenizer.flush()
+        pending = seq.pending + piece
         finish: FinishReason | None = None
-        text = self._decode(seq.produced)
-        if token in self._eos_ids:
+        cut = find_stop(pending, seq.stops) if seq.stops else None
+        if cut is not None:
+            pending, finish = pending[:cut], "stop"
+        elif eos:
             finish = "stop"
-        elif seq.stops:
-            # Decode the whole completion each step: a stop sequence may span token boundaries.
-            cut = find_stop(text, seq.stops)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-        if finish is None and len(seq.produced) >= seq.max_tokens:
+        elif last:
             finish = "length"
         if finish is None:
-            # Hold back what could still become a stop sequence, and a trailing partial UTF-8 character.
-            safe = len(text.rstrip("\ufffd"))
-            if seq.stops:
-                safe = min(safe, len(text) - max(len(s) for s in seq.stops) + 1)
-            if safe > seq.sent:
-                _safe_emit(seq, TextDelta(text[seq.sent : safe]))
-                seq.sent = safe
+            safe = len(pending) - seq.hold
+            if safe > 0:
+                self._send(seq, pending[:safe])
+                pending = pending[safe:]
+            seq.pending = pending
             return False
-        if len(text) > seq.sent:
-            _safe_emit(seq, TextDelta(text[seq.sent :]))
+        if pending:
+            self._send(seq, pending)
+        seq.pending = ""
         _safe_emit(
             seq,
             GenerationResult(
-                text=text,
+                text="".join(seq.sent),
                 prompt_tokens=len(seq.prompt_ids),
                 completion_tokens=len(seq.produced),
                 finish_reason=finish,
             ),
         )
         return True
+
+    @staticmethod
+    def _send(seq: _Sequence, text: str) -> None:
+        seq.sent.append(text)
+        _safe_emit(seq, TextDelta(text))
+
+
+class _ForwardFailed(Exception):
+    """A forward pass raised (the cause is chained); nothing was sampled or streamed for its rows yet."""
 
 
 def _safe_emit(seq: _Sequence, item: TextDelta | GenerationResult | BaseException) -> None:

@@ -6,7 +6,9 @@ about. Keeping it free of FastAPI and Serve lets it be tested and benchmarked wi
 
 Every check that can fail a request (model, limits, context window, chat template) runs before a stream starts,
 so a bad streamed request still gets its 4xx status; a failure after the first byte is sent as a final
-`data: {"error": …}` event, as vLLM does.
+`data: {"error": …}` event, as vLLM does, logged, and reported through the stream's `on_error` callback so that
+the HTTP layer can count the request as failed although its status line said 200. When one choice of a request
+fails, its sibling choices are cancelled: the client gets an error for the whole request, so their work is waste.
 """
 
 from __future__ import annotations
@@ -92,7 +94,12 @@ class OpenAIService:
         engines: dict[str, Engine] = {}
         for entry in config.models:
             started = time.monotonic()
-            engines[entry.name] = load_engine(entry.path, device=config.device, max_batch_size=config.max_batch_size)
+            engines[entry.name] = load_engine(
+                entry.path,
+                device=config.device,
+                max_batch_size=config.max_batch_size,
+                fault_injection=config.fault_injection,
+            )
             logger.info("model %s ready from %s in %.1fs", entry.name, entry.path, time.monotonic() - started)
         return cls(engines, max_tokens_limit=config.max_tokens_limit, metrics=metrics)
 
@@ -193,7 +200,10 @@ class OpenAIService:
         jobs: Sequence[_Job],
         on_delta: Callable[[int, str], None] | None = None,
     ) -> list[GenerationResult]:
-        """Generate every job at once (the engine batches them); `on_delta(index, text)` sees text as it comes."""
+        """Generate every job at once (the engine batches them); `on_delta(index, text)` sees text as it comes.
+
+        If one job fails, the others are cancelled (their engine rows freed) before the error is raised.
+        """
         started = time.monotonic()
         first = True
 
@@ -227,7 +237,16 @@ class OpenAIService:
                 raise server_error() from exc
             raise server_error("The generation ended without a result.")
 
-        results = await asyncio.gather(*(one(job) for job in jobs))
+        tasks = [asyncio.ensure_future(one(job)) for job in jobs]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            # gather raises the first failure but leaves the other choices generating; stop them and wait until they
+            # have let go of their engine rows, so the batch slots are free when the error reaches the client.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         self.metrics.generated(model=request.model, route=route, tokens=sum(r.completion_tokens for r in results))
         return list(results)
 
@@ -260,8 +279,13 @@ class OpenAIService:
 
     # ---------------------------------------------------------------------------------------- streaming
 
-    def complete_stream(self, request: CompletionRequest) -> AsyncIterator[str]:
-        """Validate now (raising APIError), then return the SSE stream of a completion."""
+    def complete_stream(
+        self, request: CompletionRequest, on_error: Callable[[APIError], None] | None = None
+    ) -> AsyncIterator[str]:
+        """Validate now (raising APIError), then return the SSE stream of a completion.
+
+        `on_error` hears of a failure after the stream started (sent to the client as the last event).
+        """
         engine, jobs, prompt_tokens = self._completion_jobs(request)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -279,10 +303,13 @@ class OpenAIService:
             return chunk([], self._usage(prompt_tokens, results))
 
         prefixes = {job.index: job.prefix for job in jobs if job.prefix}
-        return self._stream(engine, request, COMPLETIONS_ROUTE, jobs, on_text, on_done, on_usage, prefixes)
+        return self._stream(engine, request, COMPLETIONS_ROUTE, jobs, on_text, on_done, on_usage, prefixes, on_error)
 
-    def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
-        """Validate now (raising APIError), then return the SSE stream of a chat completion."""
+    def chat_stream(
+        self, request: ChatCompletionRequest, on_error: Callable[[APIError], None] | None = None
+    ) -> AsyncIterator[str]:
+        """Validate now (raising APIError), then return the SSE stream of a chat completion (`on_error`: as for
+        :meth:`complete_stream`)."""
         engine, jobs, prompt_tokens = self._chat_jobs(request)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         started: set[int] = set()
@@ -311,7 +338,7 @@ class OpenAIService:
         def on_usage(results: Sequence[GenerationResult]) -> str:
             return chunk([], self._usage(prompt_tokens, results))
 
-        return self._stream(engine, request, CHAT_ROUTE, jobs, on_text, on_done, on_usage, {})
+        return self._stream(engine, request, CHAT_ROUTE, jobs, on_text, on_done, on_usage, {}, on_error)
 
     async def _stream(
         self,
@@ -323,6 +350,7 @@ class OpenAIService:
         on_done: Callable[[_Job, GenerationResult], str],
         on_usage: Callable[[Sequence[GenerationResult]], str],
         prefixes: Mapping[int, str],
+        on_error: Callable[[APIError], None] | None = None,
     ) -> AsyncIterator[str]:
         events: asyncio.Queue[str | None] = asyncio.Queue()
         for index, prefix in prefixes.items():
@@ -356,9 +384,21 @@ class OpenAIService:
                     yield text
             await task  # raises what generation raised
             yield sse("[DONE]")
-        except APIError as exc:
-            # Headers (200) are already sent: the error travels as the stream's last event.
-            yield sse(exc.to_response().model_dump_json())
+        except Exception as exc:
+            # Headers (200) are already sent: the error travels as the stream's last event, and the caller is told so
+            # that the request is not counted as a success.
+            error = exc if isinstance(exc, APIError) else server_error()
+            if not isinstance(exc, APIError):
+                logger.exception("stream for model %s failed", request.model)
+            logger.error(
+                "stream for model %s failed after it started (status line 200 already sent): HTTP %d %s",
+                request.model,
+                error.status_code,
+                error.message,
+            )
+            if on_error is not None:
+                on_error(error)
+            yield sse(error.to_response().model_dump_json())
         finally:
             if not task.done():
                 task.cancel()  # the client went away: stop generating for it

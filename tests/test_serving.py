@@ -3,19 +3,26 @@
 The model is a real (randomly initialised) 2-layer Llama with a trained byte-level BPE tokenizer and ChatML
 template, saved the way training exports checkpoints. The HTTP tests start one local Ray + Serve per module and
 talk to it with the official `openai` client, as applications do, and with raw httpx for malformed input. The
-module's app requires an API key (read by the replica from a keys file, as from a mounted Secret); a second,
-open app with a tiny `max_tokens_limit` is the fuzzing target. A real Prometheus server scrapes Ray's metrics
-export port in the metrics test.
+module's app requires an API key (read by the replica from a keys file, as from a mounted Secret). A second app,
+deployed from a job spec by `raytrain.deploy` with `serve.auth` on and a tiny `max_tokens_limit`, is the fuzzing
+target. A third, open app has the engine's test-only fault injection on: it fails the requests whose prompt
+carries a marker, so that one request can fail among many over real HTTP. A real Prometheus server scrapes Ray's
+metrics export port in the metrics test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import random
 import re
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +30,12 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from serving.api import CompletionRequest, from_validation_errors
-from serving.config import ServeAppConfig, ServeConfigError
-from serving.engine import ContextWindowError, Engine, TorchEngine, find_stop
+from raytrain.config import ConfigError, JobSpec, load_spec
+from raytrain.errors import StageInputError
+from serving.api import APIError, ChatCompletionRequest, CompletionRequest, from_validation_errors
+from serving.config import FaultInjection, ServeAppConfig, ServeConfigError
+from serving.detokenizer import IncrementalDetokenizer
+from serving.engine import ContextWindowError, Engine, GenerationResult, InjectedFault, TorchEngine, find_stop
 from serving.service import OpenAIService
 from serving_fixtures import build_tiny_model_dir, free_port, metrics_export_port, serve_session
 
@@ -34,6 +44,10 @@ CONTEXT = 256
 MAX_TOKENS_LIMIT = 200
 APP_NAME = "serving-test"
 FUZZ_APP = "serving-fuzz"
+FAULT_APP = "serving-faults"
+FAULTY_MODEL = "tiny-faulty"  # its own name, so the metrics of the fault app are its own series
+MARKER = "FAULT-MARKER"  # prompts containing it fail (FaultInjection)
+FAULT_AT = 3  # ... in the decode step after their third token, after text was streamed
 API_KEY = "sk-test-" + "0123456789abcdef" * 2
 
 
@@ -126,6 +140,7 @@ def test_config_defaults_and_serve_run_string_args() -> None:
         ({"models": [{"name": "a", "path": "/m"}], "max_ongoing_requests": 2}, "max_ongoing_requests (2)"),
         ({"models": [{"name": "a", "path": "/m"}], "auth": {"enabled": True, "keys": "x"}}, "auth.keys"),
         ({"models": [{"name": "a", "path": "/m"}], "upscale_delay_s": -1}, "upscale_delay_s"),
+        ({"models": [{"name": "a", "path": "/m"}], "fault_injection": {"prompt_marker": ""}}, "fault_injection"),
     ],
 )
 def test_config_errors_name_the_key(args: dict[str, Any], expected: str) -> None:
@@ -157,6 +172,60 @@ def test_builder_works_the_way_serve_run_and_serve_configs_call_it(tmp_path: Pat
     AutoscalingConfig(**auto)
     with pytest.raises(ServeConfigError, match="max_replicas"):
         build_app({"models": [{"name": "a", "path": "/m"}], "max_replicas": 0})
+
+
+# ----------------------------------------------------------------------------------- job spec: serve.auth
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "'::'", "10.1.2.3", "gpu-node-1.internal"])
+def test_spec_refuses_an_open_endpoint_on_a_reachable_host(host: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_spec("demo", [f"serve.host={host}"])
+    assert "serve.auth" in str(info.value), str(info.value)
+    # Keys, or a waiver in so many words, make the same spec valid.
+    assert load_spec("demo", [f"serve.host={host}", "serve.auth.enabled=true"]).serve.auth.enabled
+    assert load_spec("demo", [f"serve.host={host}", "serve.auth.allow_unauthenticated=true"])
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "'::1'"])
+def test_loopback_hosts_need_no_keys(host: str) -> None:
+    assert not load_spec("demo", [f"serve.host={host}"]).serve.auth.enabled
+
+
+def test_serve_and_validate_commands_refuse_an_open_reachable_host() -> None:
+    # The console script, as a user runs it: validation fails before Ray starts, with the key to set.
+    raytrain = str(Path(sys.executable).parent / "raytrain")
+    for command in ("validate", "serve"):
+        proc = subprocess.run(
+            [raytrain, command, "-c", "demo", "serve.host=0.0.0.0"], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+        assert "serve.auth" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_recipes_that_bind_all_interfaces_require_keys_and_deploy_with_them() -> None:
+    from raytrain.deploy import app_args
+
+    for recipe in ("125m", "1b"):
+        spec = load_spec(recipe)
+        assert spec.serve.host == "0.0.0.0"
+        auth = ServeAppConfig.load(app_args(spec)).auth  # what the replicas receive
+        assert (auth.enabled, auth.keys_env) == (True, "RAYTRAIN_API_KEYS"), recipe
+
+
+def test_pipeline_client_key_comes_from_where_the_replicas_read_keys(tmp_path: Path) -> None:
+    from raytrain.deploy import client_api_key
+
+    assert client_api_key(load_spec("demo"), {"RAYTRAIN_API_KEYS": "k1"}) is None  # auth off: no header
+    spec = load_spec("demo", ["serve.auth.enabled=true"])
+    assert client_api_key(spec, {"RAYTRAIN_API_KEYS": " k1 ,k2"}) == "k1"
+    (tmp_path / "keys").write_text("# rotated monthly\nk3\n")
+    assert client_api_key(spec, {"RAYTRAIN_API_KEYS_FILE": str(tmp_path / "keys")}) == "k3"
+    named = load_spec("demo", ["serve.auth.enabled=true", f"serve.auth.keys_file={tmp_path / 'keys'}"])
+    assert client_api_key(named, {}) == "k3"
+    # Checked before the pipeline trains for hours: no key to send is an error naming what to set.
+    with pytest.raises(StageInputError, match=r"serve\.auth.*RAYTRAIN_API_KEYS"):
+        client_api_key(spec, {})
 
 
 # ------------------------------------------------------------------------------------------------- engine
@@ -228,6 +297,222 @@ def test_engine_loads_from_uri(model_dir: Path, engine: TorchEngine) -> None:
     assert remote.generate("Hi", max_tokens=5, temperature=0) == engine.generate("Hi", max_tokens=5, temperature=0)
     with pytest.raises(FileNotFoundError):
         TorchEngine((model_dir / "missing").resolve().as_uri(), device="cpu")
+
+
+# -------------------------------------------------------------------------------- incremental detokenization
+
+
+def _full_decoder(model_dir: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return tok, lambda ids: tok.decode(list(ids), skip_special_tokens=True)
+
+
+def test_incremental_detokenizer_equals_full_decode_on_split_characters(model_dir: Path) -> None:
+    tok, full = _full_decoder(model_dir)
+    ids = tok.encode("naïve café — 日本語のテキスト 🙂🚀 x² ∑ Ünïcödé. The cat reads!").ids
+    # The byte-level BPE learnt its merges on ASCII: every other character is split across tokens.
+    assert sum("\ufffd" in full([i]) for i in ids) > 10
+    # A cut inside a character: full decode ends with U+FFFD, and so must the flushed incremental text.
+    cut = next(k for k in range(1, len(ids)) if full(ids[:k]).endswith("\ufffd"))
+    rng = random.Random(0)
+    specials = [tok.token_to_id("<|im_start|>"), tok.token_to_id("<|pad|>")]
+    cases = [ids, ids[1:], ids[:cut], ids[:5] + specials + ids[5:]]
+    cases += [[rng.randrange(tok.get_vocab_size()) for _ in range(rng.randrange(1, 80))] for _ in range(100)]
+    held_back = 0
+    for case in cases:
+        detok = IncrementalDetokenizer(full)
+        pieces = [detok.push(i) for i in case]
+        assert "".join(pieces) + detok.flush() == full(case), case
+        # Nothing is streamed while a character is unfinished: no piece ends inside one.
+        assert not any(p.endswith("\ufffd") for p in pieces if p) or "\ufffd" in full(case)
+        held_back += pieces.count("")
+    assert held_back > 0
+
+
+def test_incremental_detokenizer_work_per_token_does_not_grow(model_dir: Path) -> None:
+    tok, full = _full_decoder(model_dir)
+    ids = tok.encode("Le garçon lit un livre 📚 chaque matin — 毎朝本を読む. " * 40).ids
+    assert len(ids) > 600
+    windows: list[int] = []
+
+    def counting(window: Any) -> str:
+        windows.append(len(window))
+        return full(window)
+
+    detok = IncrementalDetokenizer(counting)
+    text = "".join(detok.push(i) for i in ids) + detok.flush()
+    assert text == full(ids)
+    # At most two decodes per token, each of a few recent tokens: linear in the length, where re-decoding the
+    # whole completion at every token would decode len(ids)**2 / 2 (here > 180,000) tokens.
+    assert len(windows) <= 2 * len(ids) + 1
+    assert max(windows) <= 8, max(windows)
+    assert sum(windows) <= 6 * len(ids)
+
+
+def test_engine_decodes_each_token_in_constant_work(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    windows: list[int] = []
+    decode = engine._detok_decode
+
+    def counting(ids: Any) -> str:
+        windows.append(len(ids))
+        return decode(ids)
+
+    monkeypatch.setattr(engine, "_detok_decode", counting)
+    result = engine.generate("Hi", max_tokens=200, temperature=0, stop=["never-appears"])
+    assert result.completion_tokens == 200, result  # greedy "Hi" runs to the limit with this model
+    assert max(windows) <= 8 and sum(windows) <= 6 * 200, (max(windows), sum(windows))
+
+
+# ------------------------------------------------------------------------------ failures stay with their request
+
+
+@pytest.fixture(scope="module")
+def faulty_engine(model_dir: Path) -> TorchEngine:
+    return TorchEngine(
+        str(model_dir), device="cpu", fault_injection=FaultInjection(prompt_marker=MARKER, at_token=FAULT_AT)
+    )
+
+
+_DEFAULTS = {"max_tokens": 16, "temperature": 0.0}
+
+
+def _submit_together(
+    engine: TorchEngine, requests: list[dict[str, Any]], prepare: Callable[[list[Any]], None] | None = None
+) -> list[Any]:
+    """Queue every request at once, so that the scheduler's first step batches them all; returns what each got.
+
+    Holding the scheduler's condition (an RLock, which `_submit` takes again) keeps it from starting on the first
+    request before the last is queued; `prepare(seqs)` runs before it may start. Each result is a GenerationResult
+    or the exception the request got.
+    """
+    outs: list[queue.SimpleQueue[Any]] = []
+    with engine._cv:
+        seqs = []
+        for request in requests:
+            out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            args = {"top_p": 1.0, "seed": None, "stop": (), **_DEFAULTS, **request}
+            seqs.append(engine._submit(args.pop("prompt"), out.put, **args))
+            outs.append(out)
+        if prepare is not None:
+            prepare(seqs)
+    results = []
+    for out in outs:
+        while not isinstance(item := out.get(timeout=120), (GenerationResult, BaseException)):
+            pass
+        results.append(item)
+    return results
+
+
+@pytest.mark.parametrize("at_token", [0, FAULT_AT], ids=["prefill", "decode"])
+def test_a_failed_forward_pass_fails_only_its_own_request(
+    faulty_engine: TorchEngine, engine: TorchEngine, at_token: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    faulty_engine._fault = FaultInjection(prompt_marker=MARKER, at_token=at_token)
+    try:
+        requests: list[dict[str, Any]] = [
+            {"prompt": "The cat"},
+            {"prompt": "A dog reads a long letter", "max_tokens": 24},
+            {"prompt": f"{MARKER} A dog reads"},
+            {"prompt": "Hi", "temperature": 0.9, "seed": 5},
+            {"prompt": "my friend builds", "stop": ["never-appears"]},
+        ]
+        assert engine.generate(f"{MARKER} A dog reads", max_tokens=16, temperature=0).completion_tokens > FAULT_AT
+        expected = [engine.generate(**{**_DEFAULTS, **r}) if MARKER not in r["prompt"] else None for r in requests]
+        with caplog.at_level("WARNING", logger="serving.engine"):
+            results = _submit_together(faulty_engine, requests)
+    finally:
+        faulty_engine._fault = FaultInjection(prompt_marker=MARKER, at_token=FAULT_AT)
+    # The batched forward pass failed (all five rows in it), then each row ran alone: only the marked one failed.
+    assert f"of {len(requests)} " in caplog.text and "retrying each" in caplog.text
+    for request, want, got in zip(requests, expected, results, strict=True):
+        if want is None:
+            assert isinstance(got, InjectedFault), got
+        else:
+            assert got == want, request  # same text, token counts and finish reason as alone
+    # The engine keeps serving: nothing is left in its batch, and a new request runs.
+    assert faulty_engine.generate("The cat", max_tokens=4, temperature=0) == engine.generate(
+        "The cat", max_tokens=4, temperature=0
+    )
+
+
+def test_a_sampling_error_fails_only_its_row(faulty_engine: TorchEngine, engine: TorchEngine) -> None:
+    def broken_sampler(input_ids: Any, scores: Any) -> Any:
+        raise RuntimeError("probability tensor contains inf or nan")
+
+    requests: list[dict[str, Any]] = [
+        {"prompt": "The cat"},
+        {"prompt": "Hi", "temperature": 0.7, "seed": 1},
+        {"prompt": "A dog reads", "temperature": 0.7, "seed": 2},
+    ]
+    results = _submit_together(
+        faulty_engine, requests, prepare=lambda seqs: setattr(seqs[1], "warpers", broken_sampler)
+    )
+    assert isinstance(results[1], RuntimeError) and "inf or nan" in str(results[1])
+    assert results[0] == engine.generate(**{**_DEFAULTS, **requests[0]})
+    assert results[2] == engine.generate(**{**_DEFAULTS, **requests[2]})
+
+
+def test_siblings_of_a_failed_choice_are_cancelled(faulty_engine: TorchEngine, engine: TorchEngine) -> None:
+    class Recording:
+        """The real engine; each stream records how it ended: its result, an error, or closed by the caller."""
+
+        def __init__(self, inner: TorchEngine) -> None:
+            self.inner, self.ended = inner, []
+            self.context_length, self.count_tokens = inner.context_length, inner.count_tokens
+
+        def queue_depth(self) -> int:
+            return self.inner.queue_depth()
+
+        async def stream(self, prompt: str, **kwargs: Any) -> Any:
+            how = "closed"
+            try:
+                async for item in self.inner.stream(prompt, **kwargs):
+                    if isinstance(item, GenerationResult):
+                        how = "result"
+                    yield item
+            except Exception:
+                how = "error"
+                raise
+            finally:
+                self.ended.append((prompt, how))
+
+    sibling = "A dog reads a long letter"
+    assert engine.generate(sibling, max_tokens=120, temperature=0).completion_tokens > 20  # outlives the fault
+    recording = Recording(faulty_engine)
+    service = OpenAIService({MODEL: recording}, max_tokens_limit=120)  # type: ignore[dict-item]
+    prompts = [f"{MARKER} A dog reads", sibling]
+    request = CompletionRequest(model=MODEL, prompt=prompts, n=2, max_tokens=120, temperature=0)
+    with pytest.raises(APIError) as info:
+        asyncio.run(service.complete(request))
+    assert info.value.status_code == 500
+    # The first failure stopped every other choice: the other prompt's two, and the marked prompt's second unless
+    # it failed in the same step. None ran on to its result.
+    ended = sorted(recording.ended)
+    assert [how for prompt, how in ended if prompt == sibling] == ["closed", "closed"], ended
+    marked = [how for prompt, how in ended if prompt == prompts[0]]
+    assert "error" in marked and set(marked) <= {"error", "closed"} and len(marked) == 2, ended
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event_and_is_reported(
+    faulty_engine: TorchEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = OpenAIService({MODEL: faulty_engine}, max_tokens_limit=32)
+    messages = [{"role": "user", "content": f"{MARKER} A dog reads"}]
+    request = ChatCompletionRequest(model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True)
+    errors: list[APIError] = []
+
+    async def collect() -> list[str]:
+        return [chunk async for chunk in service.chat_stream(request, on_error=errors.append)]
+
+    with caplog.at_level("ERROR", logger="serving.service"):
+        text = "".join(asyncio.run(collect()))
+    events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+    assert "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["type"] == "server_error"
+    assert [e.status_code for e in errors] == [500]  # what the HTTP layer counts the request as
+    assert "failed after it started" in caplog.text
 
 
 # ----------------------------------------------------------------------------------- service (in-process)
@@ -483,8 +768,6 @@ def test_event_loop_stays_responsive_during_generation(http: httpx.Client, base_
 def test_concurrent_requests_batch_and_match_sequential(engine: TorchEngine) -> None:
     # Requests arriving together decode in one batch (left-padded, joined mid-flight); each must get exactly
     # what it gets alone, greedy and seeded alike.
-    from concurrent.futures import ThreadPoolExecutor
-
     jobs = [("The cat", 0.0, None), ("A dog reads a long letter every morning.", 0.0, None), ("Hi", 0.9, 3)] * 3
     jobs += [("The river finds", 1.0, 5), ("my friend", 0.0, None)]
 
@@ -750,38 +1033,63 @@ def test_real_prometheus_scrapes_serving_metrics(http: httpx.Client, client: Any
 
 
 @pytest.fixture(scope="module")
-def fuzz_url(model_dir: Path, serve_port: int, base_url: str) -> Iterator[str]:
-    # An open app (auth off, the laptop default) with tiny limits, so that the largest valid request the fuzzer can
-    # build (32 prompts x 8 choices) still finishes in a fraction of a second.
+def fuzz_spec(model_dir: Path, keys_file: Path, serve_port: int) -> JobSpec:
+    # What `raytrain serve` deploys for a spec with keys: tiny limits, so that the largest valid request the fuzzer
+    # can build (32 prompts x 8 choices) still finishes in a fraction of a second.
+    serve = {
+        "model_path": str(model_dir),
+        "port": serve_port,
+        "app_name": FUZZ_APP,
+        "route_prefix": "/fuzz",
+        "max_tokens_limit": 2,
+        "auth": {"enabled": True, "keys_file": str(keys_file)},
+    }
+    return JobSpec.model_validate({"model": {"name": MODEL}, "serve": serve})
+
+
+@pytest.fixture(scope="module")
+def fuzz_url(fuzz_spec: JobSpec, base_url: str) -> Iterator[str]:
     from ray import serve
 
-    from serving.app import build_app
+    from raytrain.deploy import deploy
 
-    app = build_app(
-        {
-            "models": [{"name": MODEL, "path": str(model_dir)}],
-            "max_tokens_limit": 2,
-            "num_cpus_per_replica": 0.5,
-            "max_batch_size": 64,
-        }
-    )
-    serve.run(app, name=FUZZ_APP, route_prefix="/fuzz")
+    url = deploy(fuzz_spec, timeout_s=180)
     try:
-        yield f"http://127.0.0.1:{serve_port}/fuzz"
+        yield url
     finally:
         serve.delete(FUZZ_APP)
 
 
-def test_fuzzing_the_openapi_document_finds_no_server_errors(fuzz_url: str) -> None:
+def test_serve_auth_from_the_job_spec_is_enforced_and_used_by_the_pipeline_request(
+    fuzz_spec: JobSpec, fuzz_url: str
+) -> None:
+    from raytrain.deploy import client_api_key, complete
+
+    key = client_api_key(fuzz_spec)  # what the pipeline's demo request sends: read from the same keys file
+    assert key == API_KEY
+    reply = complete(fuzz_url, MODEL, "The cat", 2, api_key=key)
+    assert reply["object"] == "text_completion" and reply["usage"]["completion_tokens"] <= 2
+    for wrong in (None, "sk-wrong"):
+        with pytest.raises(RuntimeError, match="HTTP 401"):
+            complete(fuzz_url, MODEL, "The cat", 2, api_key=wrong)
+    assert httpx.get(f"{fuzz_url}/ready", timeout=30).status_code == 200  # probes need no key
+
+
+def test_fuzzing_the_openapi_document_with_auth_on_finds_no_server_errors(fuzz_url: str) -> None:
+    # schemathesis reads the security scheme from the served document and puts the key on every operation that
+    # declares it; a document without the scheme would leave valid requests without a key, and they would get 401.
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
+    from schemathesis.config import SchemathesisConfig
 
     doc = httpx.get(f"{fuzz_url}/openapi.json", timeout=30).json()
-    schema = schemathesis.openapi.from_dict(doc)
+    config = SchemathesisConfig.from_dict({"auth": {"openapi": {"HTTPBearer": {"bearer": API_KEY}}}})
+    schema = schemathesis.openapi.from_dict(doc, config=config)
     failures: list[str] = []
-    calls = 0
+    rejected: list[str] = []
+    calls = {GenerationMode.POSITIVE: 0, GenerationMode.NEGATIVE: 0}
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -791,20 +1099,149 @@ def test_fuzzing_the_openapi_document_finds_no_server_errors(fuzz_url: str) -> N
                 max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck), derandomize=True
             )
             def check(case: Any) -> None:
-                nonlocal calls
-                calls += 1
+                # `mode` is this iteration's: check() runs below, before the loop moves on.
+                calls[mode] += 1  # noqa: B023
                 response = case.call(base_url=fuzz_url, timeout=30)
                 if response.status_code >= 500:
                     failures.append(f"{case.method} {case.path} {case.body!r} -> {response.status_code}")
+                elif mode == GenerationMode.POSITIVE and response.status_code == 401:  # noqa: B023
+                    rejected.append(f"{case.method} {case.path} {case.headers!r} -> 401")
                 elif response.status_code >= 400:
-                    # Every 4xx is OpenAI-shaped.
+                    # Every 4xx is OpenAI-shaped (negative cases include missing and malformed keys: 401).
                     assert "error" in response.json(), response.text
 
             try:
                 check()
             except Unsatisfiable:  # e.g. no invalid request exists for a route without parameters
                 continue
-    assert calls > 50
+    assert calls[GenerationMode.POSITIVE] > 25 and calls[GenerationMode.NEGATIVE] > 25, calls
     assert not failures, failures[:5]
+    assert not rejected, rejected[:5]
     # The replica survived all of it.
     assert httpx.get(f"{fuzz_url}/health", timeout=30).status_code == 200
+
+
+# ------------------------------------------------------------------------ one failing request among many (HTTP)
+
+
+@pytest.fixture(scope="module")
+def fault_url(model_dir: Path, serve_port: int, base_url: str) -> Iterator[str]:
+    # An open app (auth off, the laptop default) whose engine fails the requests carrying MARKER (test-only).
+    from ray import serve
+
+    from serving.app import build_app
+
+    app = build_app(
+        {
+            "models": [{"name": FAULTY_MODEL, "path": str(model_dir)}],
+            "max_tokens_limit": 64,
+            "num_cpus_per_replica": 0.5,
+            "fault_injection": {"prompt_marker": MARKER, "at_token": FAULT_AT},
+        }
+    )
+    serve.run(app, name=FAULT_APP, route_prefix="/faults")
+    try:
+        yield f"http://127.0.0.1:{serve_port}/faults"
+    finally:
+        serve.delete(FAULT_APP)
+
+
+def test_openapi_declares_bearer_auth_exactly_when_keys_are_required(http: httpx.Client, fault_url: str) -> None:
+    keyed = http.get("/openapi.json").json()
+    assert keyed["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key: `Authorization: Bearer <key>`.",
+    }
+    for path, method in (("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get")):
+        assert keyed["paths"][path][method]["security"] == [{"HTTPBearer": []}], path
+        assert "401" in keyed["paths"][path][method]["responses"]
+    for path in ("/health", "/ready"):  # probes answer without a key, and the document says so
+        assert "security" not in keyed["paths"][path]["get"]
+    open_doc = httpx.get(f"{fault_url}/openapi.json", timeout=30).json()
+    assert "securitySchemes" not in open_doc.get("components", {})
+    operations = [op for ops in open_doc["paths"].values() for op in ops.values()]
+    assert operations and all("security" not in op and "401" not in op["responses"] for op in operations)
+
+
+def _sse_events(response: httpx.Response) -> list[Any]:
+    return [
+        "[DONE]" if line == "data: [DONE]" else json.loads(line[6:])
+        for line in response.iter_lines()
+        if line.startswith("data: ")
+    ]
+
+
+def _requests_counted(route: str, status: int) -> float:
+    """`raytrain_serve_requests_total` of the fault app's model, as this node's Ray metrics endpoint exports it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_export_port()}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "ray_raytrain_serve_requests_total"
+        and sample.labels.get("model") == FAULTY_MODEL
+        and sample.labels.get("route") == route
+        and sample.labels.get("status") == str(status)
+    )
+
+
+def test_one_failing_request_fails_alone_under_concurrent_load(fault_url: str, engine: TorchEngine) -> None:
+    faulty = f"{MARKER} A dog reads"
+    chat_route, completions_route = "/v1/chat/completions", "/v1/completions"
+    assert engine.generate(faulty, max_tokens=24, temperature=0).completion_tokens > FAULT_AT  # reaches the fault
+    # (route, prompt, stream): the faulty ones among normal completions and chats, streamed and not.
+    jobs = [(completions_route, p, s) for p in ("The cat", "A dog reads a long letter", "Hi") for s in (False, True)]
+    jobs += [(chat_route, "The river finds", False), (chat_route, "The teacher writes", True)]
+    jobs += [(completions_route, faulty, False), (chat_route, faulty, True)]
+
+    def run(job: tuple[str, str, bool]) -> tuple[int, Any]:
+        route, prompt, stream = job
+        body: dict[str, Any] = {"model": FAULTY_MODEL, "max_tokens": 24, "temperature": 0, "stream": stream}
+        if route == chat_route:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        with httpx.Client(timeout=120) as c:
+            if not stream:
+                r = c.post(f"{fault_url}{route}", json=body)
+                return r.status_code, r.json()
+            with c.stream("POST", f"{fault_url}{route}", json=body) as r:
+                return r.status_code, _sse_events(r)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(run, jobs))
+
+    for (route, prompt, stream), (status, body) in zip(jobs, answers, strict=True):
+        if prompt == faulty:
+            continue
+        assert status == 200, (route, prompt, body)
+        messages = [{"role": "user", "content": prompt}]
+        want = engine.generate(
+            engine.apply_chat_template(messages) if route == chat_route else prompt, max_tokens=24, temperature=0
+        ).text
+        if not stream:
+            choice = body["choices"][0]
+            got = choice["message"]["content"] if route == chat_route else choice["text"]
+        else:
+            assert body[-1] == "[DONE]", body[-3:]
+            key = (lambda c: c["delta"].get("content") or "") if route == chat_route else (lambda c: c["text"])
+            got = "".join(key(c) for event in body[:-1] for c in event["choices"])
+        assert got == want, (route, prompt, stream)
+
+    status, body = answers[-2]  # not streamed: an OpenAI-style 500 that hides the internals
+    assert status == 500 and body["error"]["type"] == "server_error", body
+    assert "injected" not in body["error"]["message"]
+    status, events = answers[-1]  # streamed: 200 was sent, text followed, then the error as the last event
+    assert status == 200 and "[DONE]" not in events
+    assert events[-1]["error"]["type"] == "server_error"
+    assert any(c["delta"].get("content") for e in events[:-1] for c in e["choices"]), "failed before any text"
+
+    # The metrics count the failed stream as a 500, not as the 200 its status line said.
+    expected = {(completions_route, 200): 6, (completions_route, 500): 1, (chat_route, 200): 2, (chat_route, 500): 1}
+    deadline = time.monotonic() + 60
+    while (counted := {k: _requests_counted(*k) for k in expected}) != expected and time.monotonic() < deadline:
+        time.sleep(1)
+    assert counted == expected
