@@ -17,7 +17,11 @@ from raytrain.data.demo import generate_demo_corpus
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-EXTRA_ROWS = 5  # documents in the extra sources below (text, HTML, WARC), besides the demo corpus
+# Rows of the extra sources below, besides the demo corpus: 2 text files, 1 HTML file, and a WARC file of 6
+# records (warcinfo, a request, 2 HTML responses, an image response, a metadata record).
+EXTRA_ROWS = 9
+WARC_REMOVED = {"warc_record:warcinfo": 1, "warc_record:request": 1, "warc_record:response_non_text": 1,
+                "warc_record:metadata": 1}
 EVAL_SENTENCE = ("the archive keeps every letter the old harbour master wrote to the council about the winter "
                  "storms and the repairs that followed")
 
@@ -47,11 +51,21 @@ def _extra_sources(corpus: Path, planted: dict) -> list[str]:
     (extra / "notes.bin").write_bytes(b"\x00\x01")  # unknown type: skipped and reported
     with open(extra / "crawl.warc.gz", "wb") as f:
         writer = WARCWriter(f, gzip=True)
+        writer.write_record(writer.create_warcinfo_record("crawl.warc.gz", {"software": "test"}))
+        request = StatusAndHeaders("GET /0 HTTP/1.0", [("Host", "crawl.example.com")], is_http_request=True)
+        writer.write_record(writer.create_warc_record("https://crawl.example.com/0", "request",
+                                                      payload=BytesIO(b""), http_headers=request))
         for i in range(2):
             page = f"<html><body><article><p>{prose[3 + i]}</p></article></body></html>"
             headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.0")
             writer.write_record(writer.create_warc_record(f"https://crawl.example.com/{i}", "response",
                                                           payload=BytesIO(page.encode()), http_headers=headers))
+        image = StatusAndHeaders("200 OK", [("Content-Type", "image/png")], protocol="HTTP/1.0")
+        writer.write_record(writer.create_warc_record("https://crawl.example.com/logo.png", "response",
+                                                      payload=BytesIO(b"\x89PNG\r\n\x1a\n"), http_headers=image))
+        writer.write_record(writer.create_warc_record("https://crawl.example.com/0", "metadata",
+                                                      payload=BytesIO(b"fetchTimeMs: 120\n"),
+                                                      warc_content_type="application/warc-fields"))
     (corpus / "eval.txt").write_text(EVAL_SENTENCE + "\n")
     return [str(extra)]
 
@@ -77,9 +91,10 @@ def _ids(path: Path, column: str = "doc_id") -> list[str]:
 
 
 def test_accounting_identity_and_planted_malformed_rows(demo_run: tuple[Path, dict, dict]) -> None:
-    out, _, planted = demo_run
+    out, manifest, planted = demo_run
     report = json.loads((out / "report.json").read_text())
-    assert report["read"] == planted["rows"] + EXTRA_ROWS
+    # `read` is counted at the source (lines, records, files), so it must equal what was planted
+    assert report["read"] == manifest["counts"]["read"] == planted["rows"] + EXTRA_ROWS
     assert report["kept"] + report["removed_total"] + report["quarantined_total"] == report["read"]
     assert sum(report["removed"].values()) == report["removed_total"]
     for kind, n in planted["malformed"].items():
@@ -89,6 +104,22 @@ def test_accounting_identity_and_planted_malformed_rows(demo_run: tuple[Path, di
     assert quarantine.num_rows == report["quarantined_total"]
     assert all(len(r) > 0 for r in quarantine.column("raw").to_pylist() if r is not None)
     assert report["samples"], "report has example documents per reason"
+
+
+def test_every_warc_record_is_accounted_for(demo_run: tuple[Path, dict, dict]) -> None:
+    out, _, _ = demo_run
+    report = json.loads((out / "report.json").read_text())
+    assert {k: v for k, v in report["removed"].items() if k.startswith("warc_record:")} == WARC_REMOVED
+    assert report["removed_by_stage"]["warc_record"] == sum(WARC_REMOVED.values())
+    rows = [r for sub in ("documents", "removed", "quarantine")
+            for r in pq.read_table(out / sub, columns=["source", "line", "reason"]).to_pylist()
+            if r["source"].endswith("crawl.warc.gz")]
+    assert sorted(r["line"] for r in rows) == [1, 2, 3, 4, 5, 6]  # each record exactly once, by position
+    by_line = {r["line"]: r["reason"] for r in rows}
+    assert by_line[1] == "warc_record:warcinfo" and by_line[2] == "warc_record:request"
+    assert by_line[5] == "warc_record:response_non_text" and by_line[6] == "warc_record:metadata"
+    kept = pq.read_table(out / "documents", columns=["source", "line"]).to_pylist()
+    assert sorted(r["line"] for r in kept if r["source"].endswith("crawl.warc.gz")) == [3, 4]
 
 
 def test_junk_and_exact_duplicates_are_removed(demo_run: tuple[Path, dict, dict]) -> None:
@@ -223,3 +254,62 @@ def test_parquet_input_with_malformed_rows(tmp_path: Path) -> None:
     assert counts["quarantined"] == {"missing_text": 2}
     assert counts["removed"] == {"exact_duplicate": 1}
     assert counts["kept"] == 60
+
+
+# ------------------------------------------------------------------------- accounting that can fail
+
+
+def _good_rows(n: int) -> list[str]:
+    return [f"Row {i}: the history of the river town is long and the people there bake bread every morning, "
+            f"tend their gardens in spring and tell stories about the stars in the clear night sky." for i in range(n)]
+
+
+def test_a_lost_row_fails_the_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that loses one row between the read and the outputs (injected here) stops the stage, naming the
+    numbers and the file. (That a corpus without the loss passes, with `read` equal to what was planted, the
+    demo and Parquet runs above show.)"""
+    from raytrain.data import pipeline
+
+    corpus = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(_good_rows(30))]
+    corpus.write_text("\n".join([*lines[:10], "{not json", *lines[10:]]) + "\n")  # 31 lines, one quarantined
+    overrides = ["data.source.kind=files", f"data.source.paths=[{corpus}]", "data.filters.gopher_quality.min_words=10",
+                 "data.filters.c4.enabled=false", "data.fuzzy_dedup.enabled=false", "data.exact_dedup=false"]
+    annotated = pipeline._annotated
+
+    def losing_one(spec, by_kind, count_dir=None):
+        return annotated(spec, by_kind, count_dir).filter(lambda row: row["line"] != 7)
+
+    monkeypatch.setattr(pipeline, "_annotated", losing_one)
+    with pytest.raises(pipeline.AccountingError) as err:
+        pipeline.curate(load_spec("tiny", [f"storage.root={tmp_path}", *overrides]))
+    msg = str(err.value)
+    assert "read 31 rows at the source" in msg and "= 30 (1 rows lost)" in msg, msg
+    assert f"{corpus}: read 31, accounted 30" in msg, msg
+
+
+def test_check_accounting_is_per_file() -> None:
+    from raytrain.data.pipeline import AccountingError, check_accounting
+
+    check_accounting({"a": 3, "b": 2}, {"a": 3, "b": 2}, kept=3, removed=1, quarantined=1)
+    with pytest.raises(AccountingError, match=r"read 5 rows .* = 6 \(1 rows counted more than once\)"):
+        check_accounting({"a": 3, "b": 2}, {"a": 4, "b": 2}, kept=4, removed=1, quarantined=1)
+    # the totals agree, but one file lost a row and another gained one
+    with pytest.raises(AccountingError, match="a: read 3, accounted 2; b: read 2, accounted 3"):
+        check_accounting({"a": 3, "b": 2}, {"a": 2, "b": 3}, kept=3, removed=1, quarantined=1)
+
+
+@pytest.mark.parametrize(("body", "rows"), [
+    (b'{"a": 1}\n{"a": 2}\n', 2),
+    (b'{"a": 1}\n{"a": 2}', 2),  # no newline at the end
+    (b'{"a": 1}\r\n\r\n{"a": 2}\r\n  \t', 3),  # a blank line counts (quarantined), a blank tail does not
+    (b"", 0),
+])
+def test_jsonl_reader_counts_lines_apart_from_the_rows_it_emits(tmp_path: Path, body: bytes, rows: int) -> None:
+    from raytrain.data.readers import JsonlLinesDatasource, reported_rows
+
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(body)
+    source = JsonlLinesDatasource([str(path)], count_dir=str(tmp_path / "counts"), chunk_bytes=3)
+    emitted = sum(t.num_rows for t in source._read_stream(pa.BufferReader(body), str(path)))
+    assert emitted == rows and reported_rows(str(tmp_path / "counts")) == {str(path): rows}

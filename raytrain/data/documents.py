@@ -1,8 +1,8 @@
 """Per-document curation: parse, extract, normalize, filter. Pure functions, no Ray.
 
 Each raw row becomes exactly one annotated row with a status — ``kept``, ``removed`` (with the
-filter that removed it) or ``quarantined`` (with what was malformed) — so the pipeline can prove
-``read = kept + removed + quarantined``.
+filter that removed it) or ``quarantined`` (with what was malformed, or ``filter_error:<rule>`` when a
+rule raised on it) — so the pipeline can prove ``read = kept + removed + quarantined``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,21 @@ COLUMNS = ("doc_id", "url", "text", "status", "reason", "source", "line", "hash"
 _HTML_HINT = re.compile(r"<\s*(html|body|article|p|div|head)\b", re.IGNORECASE)
 _SPACES = re.compile(r"[ \t\u00a0]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
+
+
+class RuleError(Exception):
+    """A filter rule (or PII redaction, decontamination) raised on one document."""
+
+    def __init__(self, rule: str, error: BaseException) -> None:
+        super().__init__(f"{rule}: {error!r}")
+        self.rule = rule
+
+
+def _guarded(rule: str, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # one document's bad luck with one rule must not fail the task: quarantine it
+        raise RuleError(rule, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -115,33 +130,36 @@ class Curator:
     def url_reason(self, url: str) -> str:
         if not self.blocked and not self.blocked_substrings:
             return ""
-        return rules.url_blocked(url, self.blocked, self.blocked_substrings)
+        return _guarded("url_blocklist", rules.url_blocked, url, self.blocked, self.blocked_substrings)
 
     def text_reason(self, text: str) -> tuple[str, str]:
-        """(text after line edits, first rule broken or "")."""
+        """(text after line edits, first rule broken or ""). Raises RuleError naming a rule that raised."""
         f = self.spec
-        if f.language.enabled and (r := rules.language(text, f.language)):
+        if f.language.enabled and (r := _guarded("language", rules.language, text, f.language)):
             return text, r
-        if f.gopher_repetition.enabled and (r := rules.gopher_repetition(text, f.gopher_repetition)):
+        if f.gopher_repetition.enabled and (
+                r := _guarded("gopher_repetition", rules.gopher_repetition, text, f.gopher_repetition)):
             return text, r
-        if f.gopher_quality.enabled and (r := rules.gopher_quality(text, f.gopher_quality)):
+        if f.gopher_quality.enabled and (
+                r := _guarded("gopher_quality", rules.gopher_quality, text, f.gopher_quality)):
             return text, r
         if f.c4.enabled:
-            text, r = rules.c4_filter(text, f.c4)
+            text, r = _guarded("c4", rules.c4_filter, text, f.c4)
             if r:
                 return text, r
-        if f.fineweb.enabled and (r := rules.fineweb(text, f.fineweb)):
+        if f.fineweb.enabled and (r := _guarded("fineweb", rules.fineweb, text, f.fineweb)):
             return text, r
-        if f.bad_words.enabled and (r := rules.bad_words(text, self.bad_words, f.bad_words)):
+        if f.bad_words.enabled and (r := _guarded("bad_words", rules.bad_words, text, self.bad_words, f.bad_words)):
             return text, r
-        if self.eval_grams and decontam.contaminated(text, self.eval_grams, self.decontam_n):
+        if self.eval_grams and _guarded("decontamination", decontam.contaminated, text, self.eval_grams,
+                                        self.decontam_n):
             return text, "decontaminated"
         return text, ""
 
     def redact(self, text: str) -> tuple[str, tuple[int, ...]]:
         if not self.pii.enabled:
             return text, (0, 0, 0, 0)
-        text, counts = pii.redact(text, self.pii)
+        text, counts = _guarded("pii", pii.redact, text, self.pii)
         return text, tuple(counts[k] for k in pii.KINDS)
 
 
@@ -173,7 +191,8 @@ def annotate(
     quarantine_sample_bytes: int,
     curator: Curator | None = None,
 ) -> Annotated:
-    """Curate one row. Never raises on bad input: a malformed row is quarantined with its reason."""
+    """Curate one row. Never raises on bad input: a malformed row is quarantined with its reason, and so is
+    a row a filter rule raised on ('filter_error:<rule>')."""
     curator = curator or curator_for(filters.model_dump_json())
     fallback_id = f"{source}:{line}"
 
@@ -192,6 +211,17 @@ def annotate(
     doc_id = str(record.get(id_field) or fallback_id)
     url = record.get(url_field)
     url = url if isinstance(url, str) else ""
+
+    try:
+        return _curate(text, doc_id, url, source, line, extract, quarantine_sample_bytes, curator)
+    except RuleError as exc:
+        return Annotated(doc_id, url, "", QUARANTINED, f"filter_error:{exc.rule}", source, line, "",
+                         raw[:quarantine_sample_bytes])
+
+
+def _curate(text: str, doc_id: str, url: str, source: str, line: int, extract: bool, quarantine_sample_bytes: int,
+            curator: Curator) -> Annotated:
+    """Extract, normalize, filter and redact one parsed document (RuleError when a rule raises)."""
 
     def removed(reason: str, body: str) -> Annotated:
         return Annotated(doc_id, url, body, REMOVED, reason, source, line, "", b"")

@@ -54,7 +54,7 @@ def gopher_quality(text: str, spec: GopherQualitySpec) -> str:
     tokens = text.split()
     words = words_of(text)
     n = len(words)
-    if n < spec.min_words or n > spec.max_words:
+    if n < spec.min_words or n > spec.max_words or not n:  # no words: every rule below is a ratio per word
         return "gopher_quality:word_count"
     mean = sum(len(w) for w in words) / n
     if mean < spec.min_mean_word_length or mean > spec.max_mean_word_length:

@@ -28,11 +28,15 @@ from raytrain.config.schema import DataSpec, JobSpec
 from raytrain.data import documents as docs
 from raytrain.data import minhash
 from raytrain.data.pii import KINDS as PII_KINDS
-from raytrain.data.readers import format_of, read_raw_rows, read_tasks
+from raytrain.data.readers import format_of, parquet_rows, read_raw_rows, read_tasks, reported_rows
 from raytrain.data.report import write_report_md
 from raytrain.errors import StageInputError
 
 log = logging.getLogger(__name__)
+
+
+class AccountingError(RuntimeError):
+    """Rows read at the source != kept + removed + quarantined: a row was lost or counted twice (a bug)."""
 
 SPLITS = ("train", "val", "test")
 ANNOTATED_SCHEMA = pa.schema(
@@ -77,30 +81,49 @@ def doc_uid(source: str, line: int, doc_id: str, text_hash: str, rank: int | Non
 
 def annotate_batch(batch: pa.Table, spec_json: dict[str, Any], kind: str,
                    ranks: dict[str, int] | None = None) -> pa.Table:
-    """Ray Data UDF: raw rows (JSONL bytes or Parquet records) -> one annotated row each."""
+    """Ray Data UDF: raw rows -> exactly one annotated row each.
+
+    `kind`: 'jsonl' (the user's JSON lines, fields as `data.source` names them), 'doc' (rows the text,
+    HTML and WARC readers made: fields id, url, text; a WARC row may carry the reader's removal reason)
+    or 'parquet' (records). A row whose curation raises is quarantined ('annotate_error:<exception>'),
+    never allowed to fail the task and the job with it.
+    """
     spec = _spec_of(json.dumps(spec_json, sort_keys=True))
     curator = docs.curator_for(spec.filters.model_dump_json(), spec.pii.model_dump_json(),
                                spec.decontamination.model_dump_json())
     src = spec.source
+    fields = ("text", "id", "url") if kind == "doc" else (src.text_field, src.id_field, src.url_field)
     out: dict[str, list[Any]] = {c: [] for c in docs.COLUMNS} | {f"pii_{k}": [] for k in PII_KINDS} | {"uid": []}
-    if kind == "jsonl":
+    if kind in ("jsonl", "doc"):
+        reasons = batch.column("reason").to_pylist() if "reason" in batch.column_names else [""] * batch.num_rows
         rows = zip(batch.column("raw").to_pylist(), batch.column("source").to_pylist(),
-                   batch.column("line").to_pylist(), strict=True)
-        items = ((raw, source, line, *docs.parse_jsonl_line(raw, spec.filters.max_doc_bytes))
-                 for raw, source, line in rows)
+                   batch.column("line").to_pylist(), reasons, strict=True)
+        items = ((raw, source, line, reason, *docs.parse_jsonl_line(raw, spec.filters.max_doc_bytes))
+                 for raw, source, line, reason in rows)
     else:
         paths = batch.column("path").to_pylist() if "path" in batch.column_names else ["?"] * batch.num_rows
         records = batch.drop_columns([c for c in ("path",) if c in batch.column_names]).to_pylist()
-        items = ((b"", p, -1, rec, "") for rec, p in zip(records, paths, strict=True))
-    for raw, source, line, record, error in items:
+        items = ((b"", p, -1, "", rec, "") for rec, p in zip(records, paths, strict=True))
+    for raw, source, line, reason, record, error in items:
         if record is not None and not raw:
             raw = repr(record).encode("utf-8", errors="replace")
-        a = docs.annotate(
-            record, error, raw=raw, source=source, line=line,
-            text_field=src.text_field, id_field=src.id_field, url_field=src.url_field,
-            filters=spec.filters, extract=spec.extract_html,
-            quarantine_sample_bytes=spec.quarantine_sample_bytes, curator=curator,
-        )
+        if reason:  # the reader knows this row is no document (a WARC request, metadata … record)
+            rec = record or {}
+            a = docs.Annotated(str(rec.get("id") or f"{source}:{line}"), str(rec.get("url") or ""), "", docs.REMOVED,
+                               reason, source, line, "", b"")
+        else:
+            try:
+                a = docs.annotate(
+                    record, error, raw=raw, source=source, line=line,
+                    text_field=fields[0], id_field=fields[1], url_field=fields[2],
+                    filters=spec.filters, extract=spec.extract_html,
+                    quarantine_sample_bytes=spec.quarantine_sample_bytes, curator=curator,
+                )
+            except Exception as exc:  # a bug on one row quarantines that row; the stage goes on
+                log.warning("quarantined %s:%s: annotate raised %r", source, line, exc)
+                a = docs.Annotated(f"{source}:{line}", "", "", docs.QUARANTINED,
+                                   f"annotate_error:{type(exc).__name__}", source, line, "",
+                                   raw[:spec.quarantine_sample_bytes])
         for c in docs.COLUMNS:
             out[c].append(getattr(a, c))
         for k, v in zip(PII_KINDS, a.pii, strict=True):
@@ -159,6 +182,7 @@ def expand_inputs(paths: list[str], fmt: str) -> tuple[dict[str, list[str]], lis
 
     by_kind: dict[str, list[str]] = defaultdict(list)
     skipped: list[str] = []
+    seen: set[str] = set()
     for path in paths:
         fs, p = storage.filesystem(path)
         info = fs.get_file_info(p)
@@ -172,7 +196,8 @@ def expand_inputs(paths: list[str], fmt: str) -> tuple[dict[str, list[str]], lis
             kind = fmt if fmt != "auto" else format_of(f)
             if kind is None:
                 skipped.append(f)
-            else:
+            elif f not in seen:  # a file named twice (itself and its directory) is read once
+                seen.add(f)
                 by_kind[kind].append(f)
     return dict(by_kind), skipped
 
@@ -187,8 +212,11 @@ def _with_scheme(original: str, stripped: str, found: str) -> str:
     return original.rstrip("/") + found[len(stripped.rstrip("/")):] if original != stripped else found
 
 
-def _annotated(spec: JobSpec, by_kind: dict[str, list[str]]):
-    """All inputs as one dataset of annotated rows: one map per input format, then a union."""
+def _annotated(spec: JobSpec, by_kind: dict[str, list[str]], count_dir: str | None = None):
+    """All inputs as one dataset of annotated rows: one map per input format, then a union.
+
+    The JSONL and WARC readers report the rows of each file they read under `count_dir` (see `source_rows`).
+    """
     spec_json = spec.data.model_dump(mode="json")
     all_files = sorted(f for files in by_kind.values() for f in files)
     parts = []
@@ -199,13 +227,83 @@ def _annotated(spec: JobSpec, by_kind: dict[str, list[str]]):
             raw = ray.data.read_parquet(files, include_paths=True, override_num_blocks=read_tasks(len(files)))
             mode = "parquet"
         else:
-            raw, mode = read_raw_rows(kind, files), "jsonl"
+            raw, mode = read_raw_rows(kind, files, count_dir), "jsonl" if kind == "jsonl" else "doc"
         ranks = {_source_name(f): i for i, f in enumerate(all_files) if f in files}
         parts.append(raw.map_batches(annotate_batch, fn_args=(spec_json, mode, ranks), batch_format="pyarrow",
                                      batch_size=256))
     if not parts:
         raise StageInputError(f"no readable input files in {spec.data.source.paths}")
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def source_rows(by_kind: dict[str, list[str]], count_dir: str, parquet: dict[str, int]) -> dict[str, int]:
+    """Rows of each input file as counted at the source, keyed as rows name their `source`.
+
+    JSONL lines and WARC records: what the read tasks reported (`count_dir`); Parquet rows: the files'
+    footers (`parquet`, read before the stage); text and HTML: one document per file.
+    """
+    reported = reported_rows(count_dir)
+    rows: dict[str, int] = {}
+    for kind, files in by_kind.items():
+        for f in files:
+            name = _source_name(f)
+            if kind == "parquet":
+                rows[name] = parquet[name]
+            elif kind in ("text", "html"):
+                rows[name] = 1
+            elif name in reported:
+                rows[name] = reported[name]
+            else:
+                raise AccountingError(f"the read step reported no row count for {f}: the file was not read to its "
+                                      "end, so its rows cannot be accounted for")
+    return rows
+
+
+def outcome_counts(batch: pa.Table) -> pa.Table:
+    """Partial rows per (node, source) of one block of output rows (merged on the driver)."""
+    keys = pa.table({"node": batch.column("node").fill_null("unknown"), "source": batch.column("source")})
+    counted = keys.group_by(["node", "source"]).aggregate([([], "count_all")])
+    return pa.table({"node": counted["node"], "source": counted["source"], "rows": counted["count_all"]})
+
+
+def accounted_rows(dirs: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """(rows per Ray node that annotated them, rows per input file) over the given output directories.
+
+    Two small columns are read, not the documents.
+    """
+    import ray.data
+
+    per_node: dict[str, int] = defaultdict(int)
+    per_source: dict[str, int] = defaultdict(int)
+    for path in dirs:
+        if storage.exists(path):
+            ds = ray.data.read_parquet(path).select_columns(["node", "source"])
+            for row in ds.map_batches(outcome_counts, batch_format="pyarrow").take_all():
+                per_node[row["node"]] += int(row["rows"])
+                per_source[row["source"]] += int(row["rows"])
+    return dict(sorted(per_node.items())), dict(sorted(per_source.items()))
+
+
+def check_accounting(read: dict[str, int], accounted: dict[str, int], kept: int, removed: int, quarantined: int,
+                     where: str = "") -> None:
+    """Fail unless every row read is exactly one of kept / removed / quarantined, file by file and in total.
+
+    `read`: rows per input file counted at the source; `accounted`: output rows per input file; `kept`,
+    `removed`, `quarantined`: the totals the report gives.
+    """
+    n_read, n_out = sum(read.values()), kept + removed + quarantined
+    files = [(f, read.get(f, 0), accounted.get(f, 0)) for f in sorted(set(read) | set(accounted))
+             if read.get(f, 0) != accounted.get(f, 0)]
+    if n_read == n_out == sum(accounted.values()) and not files:
+        return
+    diff = n_read - n_out
+    what = f"{diff} rows lost" if diff > 0 else f"{-diff} rows counted more than once" if diff else "rows moved"
+    detail = "; ".join(f"{f}: read {r}, accounted {a}" for f, r, a in files[:5])
+    more = f" (and {len(files) - 5} more files)" if len(files) > 5 else ""
+    raise AccountingError(
+        f"data stage accounting failed: read {n_read} rows at the source, but kept {kept} + removed {removed} + "
+        f"quarantined {quarantined} = {n_out} ({what}). Files that differ: {detail or 'none'}{more}."
+        + (f" The outputs are left under {where} for inspection." if where else ""))
 
 
 def _file_entries(path: str) -> list[dict[str, Any]]:
@@ -273,8 +371,8 @@ def split_sums(batch: pa.Table) -> pa.Table:
                      "documents": [acc[k][2] for k in keys]})
 
 
-STAGE_ORDER = ("url_blocklist", "html_no_content", "empty_text", "language", "gopher_repetition", "gopher_quality",
-               "c4", "fineweb", "bad_words", "decontaminated", "exact_duplicate", "fuzzy_duplicate")
+STAGE_ORDER = ("warc_record", "url_blocklist", "html_no_content", "empty_text", "language", "gopher_repetition",
+               "gopher_quality", "c4", "fineweb", "bad_words", "decontaminated", "exact_duplicate", "fuzzy_duplicate")
 
 
 def removed_by_stage(removed: dict[str, int]) -> dict[str, int]:
@@ -406,25 +504,6 @@ def tokenizer_sample(train_docs, n: int) -> list[str]:
     return [text for _, text in picked[:n]]
 
 
-def node_counts(batch: pa.Table) -> pa.Table:
-    """Partial rows-per-node of one block (merged on the driver)."""
-    vc = pc.value_counts(batch.column("node").fill_null("unknown"))
-    return pa.table({"node": vc.field("values"), "rows": vc.field("counts")})
-
-
-def rows_per_node(dirs: list[str]) -> dict[str, int]:
-    """Rows annotated by each Ray node, summed over the given output directories (one column read)."""
-    import ray.data
-
-    acc: dict[str, int] = defaultdict(int)
-    for path in dirs:
-        if storage.exists(path):
-            ds = ray.data.read_parquet(path).select_columns(["node"])
-            for row in ds.map_batches(node_counts, batch_format="pyarrow").take_all():
-                acc[row["node"]] += int(row["rows"])
-    return dict(sorted(acc.items()))
-
-
 def _column_sums(batch: pa.Table) -> pa.Table:
     return pa.table({c: [int(pc.sum(batch.column(c)).as_py() or 0)] for c in batch.column_names})
 
@@ -446,10 +525,13 @@ def curate(spec: JobSpec) -> dict[str, Any]:
     log.info("data stage: reading %s (%s)", paths, {k: len(v) for k, v in by_kind.items()})
     if skipped:
         log.warning("skipping %d files of unknown type, e.g. %s", len(skipped), skipped[:3])
+    parquet = parquet_rows(by_kind.get("parquet", []))
 
-    # 1. Annotate every row (kept / removed / quarantined), partitioned by status.
-    annotated = _annotated(spec, by_kind)
+    # 1. Annotate every row (kept / removed / quarantined), partitioned by status; the readers count rows read.
+    count_dir = storage.join(stage, "read")
+    annotated = _annotated(spec, by_kind, count_dir)
     annotated.write_parquet(storage.join(stage, "annotated"), partition_cols=["status"])
+    read_by_source = source_rows(by_kind, count_dir, parquet)
     _move_partition(storage.join(stage, "annotated"), "status=removed", storage.join(out, "removed"))
     _move_partition(storage.join(stage, "annotated"), "status=quarantined", storage.join(out, "quarantine"))
 
@@ -494,15 +576,17 @@ def curate(spec: JobSpec) -> dict[str, Any]:
     n_kept = documents.count()  # from Parquet metadata: no pass over the data
     n_removed = sum(counts[docs.REMOVED].values())
     n_quarantined = sum(counts[docs.QUARANTINED].values())
-    n_read = n_kept + n_removed + n_quarantined
+    n_read = sum(read_by_source.values())  # counted at the source, not from the outcomes
     pii_counts = dict.fromkeys(PII_KINDS, 0)
     pii_cols = [f"pii_{k}" for k in PII_KINDS]
     for row in documents.select_columns(pii_cols).map_batches(_column_sums, batch_format="pyarrow").take_all():
         for k in PII_KINDS:
             pii_counts[k] += int(row[f"pii_{k}"])
 
-    # Work per node: which node annotated each row (the pass that touches every byte; reads are separate tasks).
-    per_node = rows_per_node([storage.join(out, sub) for sub in ("documents", "removed", "quarantine")])
+    # Every row read is exactly one output row, file by file. Also the work per node: which node annotated
+    # each row (the pass that touches every byte; reads are separate tasks).
+    per_node, per_source = accounted_rows([storage.join(out, sub) for sub in ("documents", "removed", "quarantine")])
+    check_accounting(read_by_source, per_source, n_kept, n_removed, n_quarantined, where=out)
     nodes = {"cluster_nodes": sum(1 for n in ray.nodes() if n.get("Alive")), "rows_annotated": per_node}
 
     return {"t0": t0, "out": out, "stage": stage, "layout": layout, "paths": paths, "by_kind": by_kind,

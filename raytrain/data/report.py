@@ -46,7 +46,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# Data report: {report['dataset']}",
         "",
         f"Read **{report['read']}** rows: kept **{report['kept']}**, removed **{report['removed_total']}**, "
-        f"quarantined **{quarantined}** (read = kept + removed + quarantined).",
+        f"quarantined **{quarantined}** (read, counted at the source, = kept + removed + quarantined: "
+        "the stage checks it file by file).",
         "",
         "## What each stage removed",
         "",
