@@ -90,3 +90,56 @@ def test_cli_reports_bad_spec_without_traceback_or_ray(tmp_path: Path, entry: li
     assert "Traceback" not in proc.stderr
     # The unreachable RAY_ADDRESS proves validation ran before any attempt to connect to Ray.
     assert "ray" not in proc.stdout.lower()
+
+
+@pytest.mark.parametrize("key", ["name", "data.name", "model.name", "train.run_name"])
+@pytest.mark.parametrize("value", ["..", ".", "a/b", "../up", ".hidden"])
+def test_names_stay_inside_the_storage_root(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: '{value.replace('.', '[.]')}' is not allowed"):
+        load_spec("demo", [f"{key}={value}"])
+
+
+def test_validate_cli_names_the_bad_name_key() -> None:
+    proc = subprocess.run([sys.executable, "-m", "raytrain.cli", "validate", "-c", "demo", "model.name=.."],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "model.name: '..' is not allowed" in proc.stderr, proc.stderr
+
+
+def test_storage_helpers_refuse_paths_outside_what_a_stage_owns(tmp_path: Path) -> None:
+    from raytrain import storage
+
+    victim = tmp_path / "keep"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("x")
+    src = tmp_path / "src"
+    src.mkdir()
+    layout = storage.Layout(str(tmp_path / "root"))
+    for bad in ("..", ".", "a/b", ""):
+        with pytest.raises(ValueError):
+            layout.model(bad, "v1")
+        with pytest.raises(ValueError):
+            layout.model("m", bad)
+    with pytest.raises(ValueError, match=r"contains '\.' or '\.\.'"):
+        storage.upload_dir(src, f"{tmp_path}/root/models/../../keep")
+    with pytest.raises(ValueError, match=r"contains '\.' or '\.\.'"):
+        storage.remove_tree(f"{tmp_path}/root/..")
+    with pytest.raises(ValueError, match="too close to the filesystem root"):
+        storage.remove_tree("/tmp")
+    assert (victim / "precious.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize(("root", "cwd", "env", "refused"), [
+    ("./artifacts", "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_ab", {}, True),
+    ("artifacts", "/home/me/project", {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, True),
+    ("file://artifacts", "/home/me/project", {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, True),
+    ("/data/artifacts", "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_ab", {}, False),
+    ("s3://bucket/prefix", "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_ab", {}, False),
+    ("./artifacts", "/home/me/project", {}, False),  # a laptop run of `raytrain data -c demo`: cwd is the repo
+])
+def test_relative_storage_root_inside_a_ray_job_is_refused(root: str, cwd: str, env: dict, refused: bool) -> None:
+    from raytrain.stages import relative_root_problem
+
+    problem = relative_root_problem(root, cwd=cwd, env=env)
+    assert (problem is not None) == refused
+    if refused:
+        assert "storage.root" in problem and "absolute path" in problem and "s3://" in problem

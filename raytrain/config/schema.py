@@ -7,9 +7,27 @@ dotted key named (see ``raytrain.config.loader``).
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def _safe_name(value: str) -> str:
+    # Names become one directory level under the storage root (datasets/<name>/, runs/<name>/ …): '.', '..',
+    # hidden names and separators would reach outside the directory the stage owns.
+    if not _NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not allowed: a name is one path component of letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit (so not '.', '..' or a path), at most 128 characters"
+        )
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+"""A name that is used as one directory level under the storage root."""
 
 
 class Section(BaseModel):
@@ -78,7 +96,11 @@ class GopherQualitySpec(Section):
     """Gopher quality rules (Rae et al. 2021, appendix A, Table A1); defaults are the published thresholds."""
 
     enabled: bool = Field(True, description="Apply the Gopher quality rules.")
-    min_words: int = Field(50, ge=0, description="Fewer words than this: removed ('gopher_quality:word_count').")
+    min_words: int = Field(
+        50, ge=1,
+        description="Fewer words than this: removed ('gopher_quality:word_count'). At least 1: the other rules are "
+        "ratios per word, meaningless for a document without words (1 removes only those).",
+    )
     max_words: int = Field(100_000, ge=1, description="More words than this: removed ('gopher_quality:word_count').")
     min_mean_word_length: float = Field(3.0, ge=0, description="Minimum mean word length in characters.")
     max_mean_word_length: float = Field(10.0, gt=0, description="Maximum mean word length in characters.")
@@ -106,6 +128,10 @@ class GopherQualitySpec(Section):
             raise ValueError(f"min_words ({self.min_words}) must not exceed max_words ({self.max_words})")
         if self.min_mean_word_length > self.max_mean_word_length:
             raise ValueError("min_mean_word_length must not exceed max_mean_word_length")
+        distinct = len({w.lower() for w in self.stop_words})
+        if self.min_stop_words > distinct:
+            raise ValueError(f"min_stop_words ({self.min_stop_words}) exceeds the {distinct} distinct stop_words: "
+                             "every document would be removed; lower it or list more stop words")
         return self
 
 
@@ -132,6 +158,15 @@ class GopherRepetitionSpec(Section):
         description="n -> maximum fraction of word characters covered by word n-grams that occur more than once.",
     )
 
+    @model_validator(mode="after")
+    def _ngram_rules(self) -> GopherRepetitionSpec:
+        for key in ("top_ngram_max_char_frac", "dup_ngram_max_char_frac"):
+            for n, limit in getattr(self, key).items():
+                if not 1 <= n <= 100 or not 0 <= limit <= 1:
+                    raise ValueError(f"{key}: n-gram size {n} with limit {limit} is meaningless; sizes are 1..100 "
+                                     "words and limits fractions in [0, 1]")
+        return self
+
 
 class C4Spec(Section):
     """C4 rules (Raffel et al. 2020, section 2.2): line rules edit the text, document rules remove it."""
@@ -156,16 +191,18 @@ class FineWebSpec(Section):
 
     enabled: bool = Field(True, description="Apply the FineWeb rules.")
     min_line_punct_ratio: float = Field(
-        0.12, ge=0, le=1, description="Remove when at most this fraction of lines ends in terminal punctuation."
+        0.12, ge=0, lt=1,
+        description="Remove when at most this fraction of lines ends in terminal punctuation (below 1: at 1 every "
+        "document is removed).",
     )
     max_dup_line_char_ratio: float = Field(
-        0.1, ge=0, le=1,
+        0.1, gt=0, le=1,
         description="Remove when the fraction of characters in duplicated lines is at least this (the blog's "
-        "0.1; datatrove's release uses 0.01 over a differently counted ratio).",
+        "0.1; datatrove's release uses 0.01 over a differently counted ratio). Above 0: at 0 every document goes.",
     )
     short_line_length: int = Field(30, ge=1, description="A line with at most this many characters is short.")
     max_short_line_ratio: float = Field(
-        0.67, ge=0, le=1, description="Remove when the fraction of short lines is at least this."
+        0.67, gt=0, le=1, description="Remove when the fraction of short lines is at least this (above 0)."
     )
     max_newline_word_ratio: float = Field(
         0.3, ge=0, description="Remove when newlines per word exceed this (lists and tables; FineWeb's release)."
@@ -179,6 +216,13 @@ class LanguageSpec(Section):
         0.65, ge=0, le=1, description="Minimum probability of the top language (FineWeb keeps fastText score >= 0.65)."
     )
     max_chars: int = Field(4000, ge=100, description="Characters of the text the identifier reads (speed).")
+
+    @model_validator(mode="after")
+    def _some_language(self) -> LanguageSpec:
+        if self.enabled and not self.languages:
+            raise ValueError("languages is empty: every document would be removed; list the languages to keep "
+                             "or set enabled: false")
+        return self
 
 
 class BlocklistSpec(Section):
@@ -205,10 +249,19 @@ class BadWordsSpec(Section):
 
 class PIISpec(Section):
     enabled: bool = Field(True, description="Redact personal information in kept documents.")
-    email: bool = Field(True, description="Redact email addresses.")
-    phone: bool = Field(True, description="Redact phone numbers (North American and +country formats).")
-    ip_address: bool = Field(True, description="Redact IPv4 and IPv6 addresses (validated by `ipaddress`).")
-    credit_card: bool = Field(True, description="Redact Luhn-valid card numbers with a known issuer prefix.")
+    email: bool = Field(True, description="Redact email addresses (not asset names such as `logo@2x.png`).")
+    phone: bool = Field(
+        True, description="Redact phone numbers: printed like one, valid per libphonenumber (`phonenumbers`), or a "
+        "phone-length digit run after 'call', 'tel', 'phone' …; not after 'order', 'ISBN', 'tracking' ….",
+    )
+    ip_address: bool = Field(
+        True, description="Redact IPv4 and IPv6 addresses (validated by `ipaddress`; not after 'version', "
+        "'section', 'OID' …).",
+    )
+    credit_card: bool = Field(
+        True, description="Redact Luhn-valid card numbers with a known issuer prefix (not after 'order', 'IMEI', "
+        "'tracking' …).",
+    )
 
 
 class FuzzyDedupSpec(Section):
@@ -260,9 +313,7 @@ class TokenizerSpec(Section):
 
 
 class DataSpec(Section):
-    name: str = Field(
-        "demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Dataset name: datasets/<name>/ under the root."
-    )
+    name: SafeName = Field("demo", description="Dataset name: datasets/<name>/ under the root.")
     source: SourceSpec = Field(default_factory=SourceSpec, description="Where the raw corpus comes from.")
     extract_html: bool = Field(True, description="Extract main text from HTML documents (trafilatura).")
     filters: FilterSpec = Field(default_factory=FilterSpec, description="Quality filters, each switchable.")
@@ -285,7 +336,7 @@ ModelPreset = Literal["tiny", "small", "125m", "350m", "1b"]
 
 
 class ModelSpec(Section):
-    name: str = Field("demo-lm", pattern=r"^[A-Za-z0-9_.-]+$", description="Model name: models/<name>/<version>/.")
+    name: SafeName = Field("demo-lm", description="Model name: models/<name>/<version>/.")
     preset: ModelPreset = Field("tiny", description="Llama-family size preset (raytrain.models.presets).")
     init_from: str | None = Field(
         None, description="Local or object-store Hugging Face directory to continue pretraining from."
@@ -293,9 +344,8 @@ class ModelSpec(Section):
 
 
 class TrainSpec(Section):
-    run_name: str | None = Field(
+    run_name: SafeName | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9_.-]+$",
         description="Run name (runs/<run_name>/ under the root). Unset: the spec's name. "
         "Re-running with the same name resumes from its latest checkpoint.",
     )
@@ -351,6 +401,40 @@ class EvalSpec(Section):
     compare_untrained: bool = Field(
         True, description="Also measure an untrained model of the same preset, as a sanity baseline."
     )
+    use_gpu: bool | None = Field(
+        None, description="Score on GPUs (one per replica). Unset: the same as train.use_gpu."
+    )
+    num_replicas: int = Field(
+        1, ge=1, description="Model replicas scoring batches in parallel (Ray Data actors; one GPU each on GPU)."
+    )
+
+
+class ServeAuthSpec(Section):
+    """API keys for the served endpoint (OpenAI-style `Authorization: Bearer <key>`), as `serving.config.AuthConfig`.
+
+    The keys themselves never live in a spec: each replica reads them from its own environment or filesystem (on
+    Kubernetes a mounted Secret), and the `pipeline` stage's driver reads them the same way for its demo request.
+    """
+
+    enabled: bool = Field(
+        False, description="Require a valid API key on every route but /health, /ready and the API docs."
+    )
+    keys_env: str = Field(
+        "RAYTRAIN_API_KEYS", min_length=1, description="Environment variable holding comma-separated keys."
+    )
+    keys_file: str | None = Field(
+        None,
+        description="File with one key per line (blank lines and # comments ignored), e.g. a mounted Secret; re-read "
+        "when it changes. Unset: the file named by `keys_file_env`, if that variable is set.",
+    )
+    keys_file_env: str = Field(
+        "RAYTRAIN_API_KEYS_FILE", min_length=1, description="Environment variable naming the keys file."
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve without keys on a host other machines can reach (serve.host not loopback). Off: such a "
+        "spec is refused, so an open endpoint is always a decision written down, never an omission.",
+    )
 
 
 class ServeSpec(Section):
@@ -370,18 +454,41 @@ class ServeSpec(Section):
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
     demo_prompt: str = Field("The history of", description="Prompt the pipeline sends to the endpoint at the end.")
     demo_max_tokens: int = Field(32, ge=1, description="max_tokens of the pipeline's demo request.")
+    auth: ServeAuthSpec = Field(
+        default_factory=ServeAuthSpec,
+        description="API keys. Required (or explicitly waived) when `host` is reachable from other machines.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> ServeSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        if not self.auth.enabled and not self.auth.allow_unauthenticated and not self.is_loopback_host:
+            # The loader reports a section-level error under `serve`; the message names the keys to set.
+            raise ValueError(
+                f"host {self.host!r} accepts connections from other machines, but serve.auth is off: set "
+                f"serve.auth.enabled: true (keys from ${self.auth.keys_env} or serve.auth.keys_file), or "
+                "serve.auth.allow_unauthenticated: true to serve openly on purpose"
+            )
         return self
+
+    @property
+    def is_loopback_host(self) -> bool:
+        """Whether only this machine can reach `host` (127.0.0.0/8, ::1, localhost)."""
+        import ipaddress
+
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False  # a host name other than localhost may resolve to any interface
 
 
 class JobSpec(Section):
     """A complete job spec: what `jobs/configs/<name>.yaml` holds."""
 
-    name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Spec name; default run name.")
+    name: SafeName = Field("demo", description="Spec name; default run name.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Where artifacts live.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Which Ray cluster to use.")
     data: DataSpec = Field(default_factory=DataSpec, description="Data curation stage.")
