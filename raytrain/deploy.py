@@ -27,12 +27,7 @@ def app_args(spec: JobSpec) -> dict[str, Any]:
         "max_replicas": s.max_replicas,
         "target_ongoing_requests": s.target_ongoing_requests,
         # Where each replica finds its keys (serving.config.AuthConfig); the keys never travel in the config.
-        "auth": {
-            "enabled": s.auth.enabled,
-            "keys_env": s.auth.keys_env,
-            "keys_file": s.auth.keys_file,
-            "keys_file_env": s.auth.keys_file_env,
-        },
+        "auth": s.auth.model_dump(exclude={"allow_unauthenticated"}),
     }
 
 

@@ -26,7 +26,6 @@ import gzip
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,6 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from raytrain.bench.machine import machine
+
+_PACKAGES = ("ray", "tokenizers", "pyarrow", "numpy", "xxhash", "py3langid")
 
 log = logging.getLogger(__name__)
 
@@ -231,19 +234,6 @@ def tokenization(out: Path, vocab_size: int = 4096, seq_len: int = 1024) -> dict
             "pipeline_vs_bare": (n_piped / piped) / (n_bare / bare), "bare_seconds": bare, "pipeline_seconds": piped}
 
 
-def machine() -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("ray", "tokenizers", "pyarrow", "numpy", "xxhash", "py3langid"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "processor": platform.processor(), "versions": versions}
-
-
 # --------------------------------------------------------------------------------------------- run
 
 
@@ -260,7 +250,7 @@ def run(num_docs: int = 100_000, seed: int = 0, rounds: int = 1, cpus: int | Non
     planted, inp, texts = prepare_corpus(work, num_docs, seed)
     n_input = len(texts)
     result: dict[str, Any] = {"benchmark": "data", "num_docs_generated": num_docs, "num_docs_input": n_input,
-                              "seed": seed, "rounds": rounds, "cpus": cpus, "machine": machine(),
+                              "seed": seed, "rounds": rounds, "cpus": cpus, "machine": machine(_PACKAGES),
                               "corpus_seconds": time.perf_counter() - t0}
     use_dt = bool(datatrove_python) and Path(datatrove_python).exists()
     if datatrove_python and not use_dt:
@@ -329,7 +319,7 @@ def memory(num_docs: int, seed: int, cpus: int) -> dict[str, Any]:
         proc = subprocess.run([sys.executable, "-m", "raytrain.bench.data", "--memory-child", str(n),
                                "--seed", str(seed), "--cpus", str(cpus)], capture_output=True, text=True, check=True)
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return {"benchmark": "data-memory", "machine": machine(), "runs": runs,
+    return {"benchmark": "data-memory", "machine": machine(_PACKAGES), "runs": runs,
             "peak_rss_ratio_4x": runs[1]["driver_peak_rss_mib"] / runs[0]["driver_peak_rss_mib"]}
 
 

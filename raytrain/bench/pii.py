@@ -14,25 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-
-def machine() -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("phonenumbers",):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "processor": platform.processor(), "versions": versions}
+from raytrain.bench.machine import machine
 
 
 def scores(path: str | None = None) -> dict[str, Any]:
@@ -81,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"scores": scores(args.labelled)}
     if args.num_docs:
         result["throughput"] = throughput(args.num_docs)
-    result["machine"] = machine()
+    result["machine"] = machine(("phonenumbers",))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

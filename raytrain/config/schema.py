@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from serving.config import AuthConfig
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
@@ -409,27 +411,16 @@ class EvalSpec(Section):
     )
 
 
-class ServeAuthSpec(Section):
-    """API keys for the served endpoint (OpenAI-style `Authorization: Bearer <key>`), as `serving.config.AuthConfig`.
+class ServeAuthSpec(AuthConfig):
+    """API keys for the served endpoint (OpenAI-style `Authorization: Bearer <key>`): the serving app's own
+    `serving.config.AuthConfig` (where each replica finds its keys), plus the waiver below.
 
     The keys themselves never live in a spec: each replica reads them from its own environment or filesystem (on
     Kubernetes a mounted Secret), and the `pipeline` stage's driver reads them the same way for its demo request.
     """
 
-    enabled: bool = Field(
-        False, description="Require a valid API key on every route but /health, /ready and the API docs."
-    )
-    keys_env: str = Field(
-        "RAYTRAIN_API_KEYS", min_length=1, description="Environment variable holding comma-separated keys."
-    )
-    keys_file: str | None = Field(
-        None,
-        description="File with one key per line (blank lines and # comments ignored), e.g. a mounted Secret; re-read "
-        "when it changes. Unset: the file named by `keys_file_env`, if that variable is set.",
-    )
-    keys_file_env: str = Field(
-        "RAYTRAIN_API_KEYS_FILE", min_length=1, description="Environment variable naming the keys file."
-    )
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     allow_unauthenticated: bool = Field(
         False,
         description="Serve without keys on a host other machines can reach (serve.host not loopback). Off: such a "
