@@ -16,7 +16,8 @@ Deploy it with any of::
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both stream server-sent events
 with `stream: true`), `GET /health` (liveness) and `GET /ready` (readiness), and the OpenAPI document at
 `/openapi.json`. Every error leaves in OpenAI's shape (`{"error": {...}}`) so the `openai` client raises its
-typed exceptions; FastAPI's 422 for an invalid body becomes OpenAI's 400.
+typed exceptions; FastAPI's 422 for an invalid body becomes OpenAI's 400 (and the OpenAPI document declares
+that 400, not FastAPI's 422).
 
 Every request passes one ASGI middleware first: it checks the API key (when `auth.enabled`) before the body is
 read, and records the request count and latency metrics (see `serving.metrics`) once the last byte is sent. A
@@ -29,6 +30,7 @@ requires keys: a schema-driven client (an SDK generator, schemathesis) then know
 
 # No `from __future__ import annotations` here: Serve rebuilds route signatures for the class-based view,
 # and FastAPI must see real classes (not strings) to know `body` is a JSON body, not a query parameter.
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -37,6 +39,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -66,7 +69,9 @@ class _API(FastAPI):
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
-            _apply_auth_to_openapi(super().openapi(), _replica.auth.enabled)
+            doc = super().openapi()
+            _declare_validation_errors_as_400(doc)
+            _apply_auth_to_openapi(doc, _replica.auth.enabled)
         return self.openapi_schema  # type: ignore[return-value]  # set by super().openapi()
 
 
@@ -98,6 +103,37 @@ METRIC_ROUTES = frozenset({COMPLETIONS_ROUTE, CHAT_ROUTE, "/v1/models", "/health
 
 
 BEARER_SCHEME = "HTTPBearer"
+# What FastAPI adds to every operation that validates its input, and never answers here (see below).
+_FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
+
+def _declare_validation_errors_as_400(doc: dict[str, Any]) -> None:
+    """Replace FastAPI's default 422 responses with the 400 this server really answers invalid input with.
+
+    FastAPI declares `422` (body `HTTPValidationError`) on every operation that has parameters or a body, but
+    `_validation_error_handler` answers those errors with 400 and an `ErrorResponse`: a client generated from the
+    document would expect a status and a body it never gets.
+    """
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None and "400" not in responses:
+                responses["400"] = {
+                    "description": _ERROR_RESPONSES[400]["description"],
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                }
+                _, defs = models_json_schema(
+                    [(ErrorResponse, "serialization")], ref_template="#/components/schemas/{model}"
+                )
+                for name, schema in defs.get("$defs", {}).items():
+                    schemas.setdefault(name, schema)
+    # FastAPI's validation-error schemas are referenced by nothing now (an SDK generator would still emit them).
+    text = json.dumps({key: value for key, value in doc.items() if key != "components"})
+    text += json.dumps({name: schema for name, schema in schemas.items() if name not in _FASTAPI_VALIDATION_SCHEMAS})
+    if not any(f'"#/components/schemas/{name}"' in text for name in _FASTAPI_VALIDATION_SCHEMAS):
+        for name in _FASTAPI_VALIDATION_SCHEMAS:
+            schemas.pop(name, None)
 
 
 def _apply_auth_to_openapi(doc: dict[str, Any], auth_enabled: bool) -> None:

@@ -31,6 +31,7 @@ EXPECTED_ALERTS = {
     "RaytrainLossDiverging",
     "RaytrainWorkerRestarts",
     "RaytrainServingErrorRate",
+    "RaytrainModelErrorRate",
     "RaytrainServingP99Latency",
     "RaytrainServingReplicasAtMax",
     "RaytrainServingNoHealthyReplicas",
@@ -123,9 +124,11 @@ def test_unit_tests_cover_every_alert_firing():
     [
         ("      > 0.05\n", "      > 0.5\n"),  # error-rate threshold 5% -> 50%: the 9% test series no longer fires
         ('status_code=~"5.."', 'status_code=~"4.."'),  # counting client errors instead of server errors
+        ('status=~"5.."', 'status=~"4.."'),  # the same in the app's counter (RaytrainModelErrorRate)
+        ('model!=""', 'model=~".*"'),  # requests no model answered counted as a model's errors
         ("ray_raytrain_train_step offset 15m", "ray_raytrain_train_step offset 1m"),
     ],
-    ids=["threshold", "status-class", "stall-window"],
+    ids=["threshold", "status-class", "app-status-class", "unattributed-requests", "stall-window"],
 )
 def test_unit_tests_catch_a_broken_rule(promtool, tmp_path, old, new):
     """The unit tests are not vacuous: a rule file with one mistake fails them."""

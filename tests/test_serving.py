@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from raytrain.config import ConfigError, JobSpec, load_spec
 from raytrain.errors import StageInputError
@@ -552,6 +552,56 @@ def test_validation_errors_name_the_param() -> None:
     assert (ok.max_tokens, ok.temperature, ok.stop_sequences) == (16, 1.0, [])
 
 
+def _assert_validation_errors_declared_as_400(doc: dict[str, Any]) -> None:
+    """No operation declares FastAPI's 422; the ones that validate input declare the 400 they answer with."""
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            assert "422" not in operation["responses"], (path, method)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        bad = doc["paths"][path]["post"]["responses"]["400"]
+        assert bad["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    schemas = doc["components"]["schemas"]
+    assert not {"HTTPValidationError", "ValidationError"} & set(schemas)
+    assert set(schemas["ErrorResponse"]["properties"]) == {"error"}
+    assert {"message", "type", "param", "code"} == set(schemas["ErrorDetail"]["properties"])
+
+
+class Body(BaseModel):
+    """A request body for a bare FastAPI route (module level: this file's annotations are strings)."""
+
+    n: int
+
+
+def test_openapi_declares_400_for_invalid_requests_not_fastapis_422() -> None:
+    from fastapi import FastAPI
+
+    from serving.app import _declare_validation_errors_as_400, api
+
+    try:
+        doc = api.openapi()
+        _assert_validation_errors_declared_as_400(doc)
+    finally:
+        api.openapi_schema = None  # the document depends on the replica's auth: leave it uncached
+
+    # A route that declares no error responses of its own gets the 400 and its schema too.
+    bare = FastAPI()
+
+    @bare.post("/n")
+    def n(body: Body) -> int:
+        return body.n
+
+    doc = bare.openapi()
+    assert "422" in doc["paths"]["/n"]["post"]["responses"]  # FastAPI's default, which this server never answers
+    _declare_validation_errors_as_400(doc)
+    responses = doc["paths"]["/n"]["post"]["responses"]
+    assert set(responses) == {"200", "400"}
+    assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert set(doc["components"]["schemas"]) == {"Body", "ErrorResponse", "ErrorDetail"}
+    assert doc["components"]["schemas"]["ErrorResponse"]["properties"]["error"] == {
+        "$ref": "#/components/schemas/ErrorDetail"
+    }
+
+
 def test_service_batches_prompts_and_choices(engine: TorchEngine) -> None:
     service = OpenAIService({MODEL: engine}, max_tokens_limit=32)
     req = CompletionRequest(
@@ -956,6 +1006,9 @@ def test_openapi_document_served(http: httpx.Client) -> None:
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     chat = doc["paths"]["/v1/chat/completions"]["post"]
     assert "text/event-stream" in chat["responses"]["200"]["content"]
+    _assert_validation_errors_declared_as_400(doc)  # what the replica serves, not only the module's `api`
+    invalid = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "temperature": 9})
+    assert str(invalid.status_code) in doc["paths"]["/v1/completions"]["post"]["responses"]
     assert http.get("/ready").json() == {"status": "ok", "models": [MODEL]}
 
 
@@ -1083,6 +1136,7 @@ def test_fuzzing_the_openapi_document_with_auth_on_finds_no_server_errors(fuzz_u
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
     from schemathesis.config import SchemathesisConfig
+    from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
     doc = httpx.get(f"{fuzz_url}/openapi.json", timeout=30).json()
     config = SchemathesisConfig.from_dict({"auth": {"openapi": {"HTTPBearer": {"bearer": API_KEY}}}})
@@ -1109,6 +1163,9 @@ def test_fuzzing_the_openapi_document_with_auth_on_finds_no_server_errors(fuzz_u
                 elif response.status_code >= 400:
                     # Every 4xx is OpenAI-shaped (negative cases include missing and malformed keys: 401).
                     assert "error" in response.json(), response.text
+                # The document tells the truth: every status answered is declared (400 for invalid input, not
+                # FastAPI's 422), with the body it declares.
+                case.validate_response(response, checks=[status_code_conformance, response_schema_conformance])
 
             try:
                 check()
