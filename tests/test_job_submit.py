@@ -111,6 +111,32 @@ exit 0
     return {"proc": proc, "tree": tree, "out": out, "root": tree / "artifacts"}
 
 
+def test_block_starts_a_cluster_on_a_machine_without_a_token(tmp_path: Path) -> None:
+    """The block's lines before `ray job submit`, in a HOME with no ~/.ray/auth_token (no `make demo` before):
+    `ray start` with token auth refuses to start without a token, so the block must make one."""
+    if not _can_unshare():
+        pytest.skip("needs root with unshare and ip (CI runs as root) to give the block its own ports")
+    home = tmp_path / "home"
+    home.mkdir()
+    lines = [line for line in readme_laptop_block() if not line.startswith("ray job submit")]
+    script = f"""
+set -eo pipefail
+ip link set lo up
+mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray
+export HOME={home}
+cd {REPO}
+{chr(10).join(lines)}
+ray job list > /dev/null 2>&1 || {{ ray job list; exit 3; }}
+ray stop > /dev/null 2>&1
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "VIRTUAL_ENV"}
+    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+    proc = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", script], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert (home / ".ray" / "auth_token").read_text().strip()
+
+
 def _read(laptop: dict, name: str) -> str:
     path = laptop["out"] / name
     return path.read_text() if path.exists() else ""
