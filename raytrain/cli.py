@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from raytrain.stages import run_stage, setup_logging
+from raytrain.stages import STAGE_TABLE, run_stage, setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="raytrain: raw text to a served language model on Ray.")
@@ -25,11 +25,8 @@ def _stage(name: str, doc: str):
     app.command(name)(command)
 
 
-_stage("data", "Curate a corpus into tokenized, packed Parquet shards with a manifest.")
-_stage("pretrain", "Pretrain with Ray Train + DeepSpeed and export a Hugging Face model.")
-_stage("eval", "Measure perplexity of the exported model on the held-out split.")
-_stage("serve", "Serve the exported model behind OpenAI-compatible HTTP endpoints.")
-_stage("pipeline", "Run data -> pretrain -> eval -> serve and print a completion fetched over HTTP.")
+for _entry in STAGE_TABLE.values():
+    _stage(_entry.name, _entry.doc)
 
 
 @app.command()
@@ -84,6 +81,7 @@ def _bench(name: str, doc: str) -> None:
 _bench("train", "Ray Train + DeepSpeed vs a bare PyTorch loop: tokens/s ratio; MFU on GPU.")
 _bench("serve", "Serving over HTTP vs the engine in-process at concurrency 1, 4, 16.")
 _bench("data", "Curation docs/s and dedup precision/recall vs datatrove; tokenization vs tokenizers.")
+_bench("posttrain", "SFT and DPO training throughput: raytrain on 2 workers vs TRL, alternating rounds.")
 _bench("pii", "PII detection precision/recall per kind on the labelled set with decoys; redaction throughput.")
 
 

@@ -16,10 +16,20 @@ from raytrain.errors import StageInputError
 log = logging.getLogger(__name__)
 
 
+def served_model_dir(spec: JobSpec) -> str:
+    """serve.model_path, else the last model this spec trains: DPO's, else SFT's, else the pretrained one."""
+    if spec.serve.model_path:
+        return spec.serve.model_path
+    from raytrain.posttrain.stage import model_dir_of
+
+    last = next((s for s in ("dpo", "sft") if getattr(spec, s) is not None), "pretrain")
+    return model_dir_of(spec, last)
+
+
 def app_args(spec: JobSpec) -> dict[str, Any]:
     """The `serving.app:build_app` args this spec describes (also what a RayService serve config holds)."""
     s = spec.serve
-    model_path = s.model_path or storage.Layout(spec.storage.root).model(spec.model.name, spec.run_name)
+    model_path = served_model_dir(spec)
     return {
         "models": [{"name": spec.served_model_name, "path": model_path}],
         "max_tokens_limit": s.max_tokens_limit,

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from raytrain.config import ConfigError, JobSpec, load_spec
@@ -19,7 +20,15 @@ from raytrain.errors import StageInputError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("data", "pretrain", "eval", "serve", "pipeline")
+@dataclass(frozen=True)
+class Stage:
+    """One entry of the stage table: the CLI command, `python -m jobs.<name>`, and `raytrain ops submit` follow."""
+
+    name: str
+    runner: Callable[[JobSpec, bool], dict[str, Any]]
+    section: str
+    doc: str
+    batch: bool = True  # runs to completion as a job (RayJob); `serve` keeps running instead
 
 
 def _data(spec: JobSpec, started_local: bool) -> dict[str, Any]:
@@ -34,6 +43,15 @@ def _pretrain(spec: JobSpec, started_local: bool) -> dict[str, Any]:
     from raytrain.train.trainer import run_pretrain
 
     return run_pretrain(spec)
+
+
+def _posttrain(stage: str) -> Callable[[JobSpec, bool], dict[str, Any]]:
+    def run(spec: JobSpec, started_local: bool) -> dict[str, Any]:
+        from raytrain.posttrain.stage import run_posttrain
+
+        return run_posttrain(spec, stage)
+
+    return run
 
 
 def _eval(spec: JobSpec, started_local: bool) -> dict[str, Any]:
@@ -57,20 +75,43 @@ def _serve(spec: JobSpec, started_local: bool) -> dict[str, Any]:
     return {"url": f"{url}/v1", "model": spec.served_model_name}
 
 
+def _alignment(spec: JobSpec) -> dict[str, Any]:
+    """Ground-truth reward and KL to the SFT model of the SFT and DPO models on held-out demo prompts."""
+    from raytrain.eval.alignment import evaluate_alignment
+    from raytrain.posttrain.stage import input_paths, model_dir_of
+
+    _, demo = input_paths(spec, "dpo")
+    if demo is None:
+        return {}
+    sft_dir = model_dir_of(spec, "sft")
+    figures = evaluate_alignment({"sft": sft_dir, "dpo": model_dir_of(spec, "dpo")}, sft_dir, demo["eval_prompts"],
+                                 seed=spec.dpo.train.seed)
+    return {k: v for k, v in figures.items() if k in ("sft", "dpo")}
+
+
 def _pipeline(spec: JobSpec, started_local: bool) -> dict[str, Any]:
     from raytrain.deploy import client_api_key, complete, deploy
 
     api_key = client_api_key(spec)  # before training: the demo request at the end needs a key when serve.auth is on
     summary: dict[str, Any] = {}
-    for name, fn in (("data", _data), ("pretrain", _pretrain), ("eval", _eval)):
+    steps = [("data", _data), ("pretrain", _pretrain)]
+    steps += [(name, _posttrain(name)) for name in ("sft", "reward", "dpo") if getattr(spec, name) is not None]
+    steps.append(("eval", _eval))
+    for name, fn in steps:
         t0 = time.time()
         summary[name] = fn(spec, started_local)
         summary[name]["seconds"] = round(time.time() - t0, 1)
+    if spec.sft is not None and spec.dpo is not None and spec.dpo.data.source == "demo":
+        t0 = time.time()
+        summary["alignment"] = {**_alignment(spec), "seconds": round(time.time() - t0, 1)}
+        _print_alignment(summary["alignment"])
     url = deploy(spec)
     reply = complete(url, spec.served_model_name, spec.serve.demo_prompt, spec.serve.demo_max_tokens, api_key=api_key)
     text = reply["choices"][0]["text"]
-    summary["serve"] = {"url": f"{url}/v1", "model": spec.served_model_name, "prompt": spec.serve.demo_prompt,
-                        "completion": text}
+    from raytrain.deploy import served_model_dir
+
+    summary["serve"] = {"url": f"{url}/v1", "model": spec.served_model_name, "model_dir": served_model_dir(spec),
+                        "prompt": spec.serve.demo_prompt, "completion": text}
     print(f"\ncompletion from {url}/v1/completions:\n  {spec.serve.demo_prompt}{text}\n", flush=True)
     if started_local:
         from ray import serve
@@ -80,9 +121,36 @@ def _pipeline(spec: JobSpec, started_local: bool) -> dict[str, Any]:
     return summary
 
 
-RUNNERS: dict[str, Callable[[JobSpec, bool], dict[str, Any]]] = {
-    "data": _data, "pretrain": _pretrain, "eval": _eval, "serve": _serve, "pipeline": _pipeline,
-}
+def _print_alignment(a: dict[str, Any]) -> None:
+    if "sft" not in a or "dpo" not in a:
+        return
+    rows = [("ground-truth reward (held-out prompts)", "reward_mean", "{:+.3f}"),
+            ("  standard error", "reward_sem", "{:.3f}"),
+            ("KL to the SFT model (nats/response)", "kl_to_reference", "{:.3f}"),
+            ("response tokens", "response_tokens_mean", "{:.1f}")]
+    lines = [f"{'':40s}{'SFT':>10s}{'DPO':>10s}"]
+    for label, key, fmt in rows:
+        lines.append(f"{label:40s}{fmt.format(a['sft'].get(key, float('nan'))):>10s}"
+                     f"{fmt.format(a['dpo'].get(key, float('nan'))):>10s}")
+    print("\nalignment (hidden preference rule of the embedded demo):\n  " + "\n  ".join(lines) + "\n", flush=True)
+
+
+STAGE_TABLE: dict[str, Stage] = {s.name: s for s in (
+    Stage("data", _data, "data", "Curate a corpus into tokenized, packed Parquet shards with a manifest."),
+    Stage("pretrain", _pretrain, "train", "Pretrain with Ray Train + DeepSpeed and export a Hugging Face model."),
+    Stage("sft", _posttrain("sft"), "sft", "Supervised fine-tuning of a parent model on demonstrations."),
+    Stage("reward", _posttrain("reward"), "reward", "Train a reward model on preference pairs (Bradley-Terry)."),
+    Stage("dpo", _posttrain("dpo"), "dpo", "Align a parent model on preference pairs with DPO or IPO."),
+    Stage("eval", _eval, "eval", "Measure perplexity of the exported model on the held-out split."),
+    Stage("serve", _serve, "serve", "Serve the exported model behind OpenAI-compatible HTTP endpoints.",
+          batch=False),
+    Stage("pipeline", _pipeline, "*", "Run data -> pretrain -> sft -> reward -> dpo (those the spec has) -> eval -> "
+          "serve and print a completion fetched over HTTP."),
+)}
+"""The one place a stage is declared."""
+
+STAGES = tuple(STAGE_TABLE)
+BATCH_STAGES = tuple(name for name, s in STAGE_TABLE.items() if s.batch)
 
 
 def relative_root_problem(root: str, cwd: str | None = None, env: dict[str, str] | None = None) -> str | None:
@@ -127,7 +195,7 @@ def run_stage(stage: str, config: str | None, overrides: list[str]) -> int:
 
     started_local = connect(spec.cluster)
     try:
-        summary = RUNNERS[stage](spec, started_local)
+        summary = STAGE_TABLE[stage].runner(spec, started_local)
     except StageInputError as exc:
         # Missing inputs and impossible settings are a person's problem to fix, not a traceback.
         print(f"error: {stage} stage: {exc}", file=sys.stderr)

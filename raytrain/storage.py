@@ -112,6 +112,13 @@ def remove_tree(path: str) -> None:
         fs.delete_dir(p)
 
 
+def remove_file(path: str) -> None:
+    check_owned(path)
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
 def upload_dir(local_dir: str | Path, dest: str) -> None:
     """Copy a local directory to a path or URI (replacing what was there)."""
     check_owned(dest)

@@ -121,8 +121,8 @@ def deepspeed_standalone(args: argparse.Namespace) -> dict[str, float]:
             torch.cuda.synchronize()
             t0, tokens = time.perf_counter(), 0
         ids = b["input_ids"]
-        _, _ntok, _ = micro_step(engine, task, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                               "labels": ids})
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        micro_step(engine, task, batch, scale=1.0 / task.weight(batch))
         tokens += ids.numel()
     torch.cuda.synchronize()
     return {"tokens_per_s": tokens / (time.perf_counter() - t0)}

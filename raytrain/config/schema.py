@@ -345,11 +345,82 @@ class ModelSpec(Section):
     )
 
 
+class PretrainTask(Section):
+    """Next-token prediction on the packed corpus (the data stage's output)."""
+
+    type: Literal["pretrain"] = Field("pretrain", description="Causal-LM pretraining on packed sequences.")
+
+
+class LoRASpec(Section):
+    """Low-rank adapters (`peft`): only the adapters train; exports merge them into the weights."""
+
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is (alpha / r) * B @ A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Names of the Linear modules that get adapters (Llama's projections).",
+    )
+
+
+class SFTTask(Section):
+    """Supervised fine-tuning: cross-entropy on the assistant (completion) tokens, weighted by those tokens."""
+
+    type: Literal["sft"] = Field("sft", description="Supervised fine-tuning on demonstrations.")
+    assistant_only_loss: bool = Field(
+        True, description="Loss on assistant/completion tokens only (false: on every token, prompt included).",
+    )
+    lora: LoRASpec | None = Field(None, description="Train LoRA adapters instead of every weight (unset: full).")
+
+
+class RewardTask(Section):
+    """A scalar reward model trained on comparisons with the Bradley-Terry loss, weighted by pairs."""
+
+    type: Literal["reward"] = Field("reward", description="Reward model from preference pairs.")
+    margin: float = Field(
+        0.0, ge=0, description="Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin).",
+    )
+
+
+class DPOTask(Section):
+    """Direct preference optimisation (Rafailov et al. 2023) or IPO (Azar et al. 2023), weighted by pairs."""
+
+    type: Literal["dpo"] = Field("dpo", description="Offline preference optimisation against a reference.")
+    beta: float = Field(0.1, gt=0, description="KL constraint strength to the reference (DPO's beta, IPO's tau).")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="'sigmoid': DPO's -log sigmoid(beta * margin); 'ipo': (margin - 1/(2 beta))^2 "
+        "on length-normalised log-ratios.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO: assumed fraction of flipped labels (sigmoid loss only).",
+    )
+    reference: Literal["precomputed", "model"] = Field(
+        "precomputed",
+        description="'precomputed': one Ray Data batch-inference pass scores every pair with the reference model "
+        "before training (no reference in training memory); 'model': a frozen reference in every worker.",
+    )
+    lora: LoRASpec | None = Field(None, description="Train LoRA adapters instead of every weight (unset: full).")
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> DPOTask:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError("label_smoothing applies to loss_type 'sigmoid' only")
+        return self
+
+
+TaskSpec = Annotated[PretrainTask | SFTTask | RewardTask | DPOTask, Field(discriminator="type")]
+"""What a training run optimises; `type` selects it: pretrain | sft | reward | dpo."""
+
+
 class TrainSpec(Section):
     run_name: SafeName | None = Field(
         None,
         description="Run name (runs/<run_name>/ under the root). Unset: the spec's name. "
         "Re-running with the same name resumes from its latest checkpoint.",
+    )
+    task: TaskSpec = Field(
+        default_factory=PretrainTask,
+        description="What the run optimises (`type`: pretrain | sft | reward | dpo) and that task's settings.",
     )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
     use_gpu: bool = Field(False, description="One GPU per worker (nccl) instead of CPU (gloo).")
@@ -394,6 +465,118 @@ class TrainSpec(Section):
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
+
+
+class AlignmentDemoSpec(Section):
+    """The embedded alignment demo (generated, no download): see `raytrain.posttrain.demo`."""
+
+    num_sft: int = Field(1200, ge=10, description="Demonstrations (conversations) generated for SFT.")
+    num_pairs: int = Field(1600, ge=10, description="Comparison pairs labelled by the hidden preference rule.")
+    num_eval_prompts: int = Field(64, ge=1, description="Held-out prompts the alignment evaluation samples from.")
+    seed: int = Field(0, description="Generator seed (same seed, same bytes).")
+
+
+class PostTrainDataSpec(Section):
+    """Demonstrations (SFT) or comparisons (reward, DPO), prepared with Ray Data into token arrays."""
+
+    name: SafeName = Field("demo-sft", description="Dataset name: datasets/<name>/ under the storage root.")
+    source: Literal["demo", "files"] = Field(
+        "demo", description="'demo' generates the embedded alignment demo; 'files' reads `paths`.",
+    )
+    paths: list[str] = Field(
+        default_factory=list, description="JSONL or Parquet files or directories (local or object store).",
+    )
+    format: Literal["auto", "jsonl", "parquet"] = Field(
+        "auto", description="File format; 'auto' by extension (.jsonl/.json/.ndjson[.gz|.zst], .parquet).",
+    )
+    messages_field: str = Field("messages", description="Conversational SFT rows: the list of {role, content}.")
+    prompt_field: str = Field("prompt", description="Prompt (a string or a list of messages).")
+    completion_field: str = Field("completion", description="SFT completion (a string or a list of messages).")
+    chosen_field: str = Field("chosen", description="Preferred response (a string or a list of messages).")
+    rejected_field: str = Field("rejected", description="Dispreferred response (a string or a list of messages).")
+    max_length: int = Field(256, ge=8, description="Longest prompt + response in tokens.")
+    max_prompt_length: int = Field(
+        128, ge=1,
+        description="Truncation policy: a prompt longer than this keeps its last max_prompt_length tokens (the ones "
+        "next to the response); then the response is cut from its end to fit max_length. A row with no response "
+        "token left is quarantined ('truncated_to_nothing').",
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=0.5, description="Rows held out, by a stable hash of the row.")
+    salt: str = Field("raytrain", description="Salt of the split hash; change it to draw a different split.")
+    demo: AlignmentDemoSpec = Field(default_factory=AlignmentDemoSpec, description="Embedded demo settings.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PostTrainDataSpec:
+        if self.source == "files" and not self.paths:
+            raise ValueError("source is 'files' but paths is empty; give at least one path")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                             f"({self.max_length}): the response needs room")
+        return self
+
+
+_POST_TRAIN_DEFAULTS: dict[str, dict] = {
+    "sft": {"task": {"type": "sft"}, "lr": 1e-3, "warmup_steps": 5, "max_steps": 100, "schedule": "cosine",
+            "weight_decay": 0.0, "checkpoint_every": 50},
+    "reward": {"task": {"type": "reward"}, "lr": 1e-3, "warmup_steps": 5, "max_steps": 100, "weight_decay": 0.0,
+               "checkpoint_every": 50},
+    "dpo": {"task": {"type": "dpo"}, "lr": 5e-4, "warmup_steps": 5, "max_steps": 100, "weight_decay": 0.0,
+            "checkpoint_every": 50},
+}
+
+
+class PostTrainStageSpec(Section):
+    """One post-training stage: a parent model, its data, and a training run with that stage's task."""
+
+    model_name: SafeName | None = Field(
+        None, description="Exported model name (models/<model_name>/<run_name>/). Unset: <model.name>-<stage>.",
+    )
+    parent: str | None = Field(
+        None,
+        description="Model directory to start from: a pretraining export or another post-training export; an "
+        "object-store URI, an absolute path, or a path relative to storage.root (models/<name>/<version>). Unset: "
+        "the previous stage of this spec (sft: the pretrained model; reward and dpo: the SFT model).",
+    )
+    data: PostTrainDataSpec = Field(default_factory=PostTrainDataSpec, description="Training data.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="The run; `train.task.type` names the stage.")
+
+
+def _stage_spec(stage: str, data_name: str) -> type[PostTrainStageSpec]:
+    defaults = _POST_TRAIN_DEFAULTS[stage]
+
+    class StageSpec(PostTrainStageSpec):
+        data: PostTrainDataSpec = Field(
+            default_factory=lambda: PostTrainDataSpec(name=data_name),
+            description="Demonstrations (SFT) or comparison pairs (reward, DPO).",
+        )
+        train: TrainSpec = Field(
+            default_factory=lambda: TrainSpec(**defaults),
+            description=f"The run; its task is `{stage}` (train.task.type: {stage}).",
+        )
+
+        @model_validator(mode="before")
+        @classmethod
+        def _task_default(cls, values: object) -> object:
+            # A recipe that tunes `train` without naming the task gets this stage's task and defaults.
+            if isinstance(values, dict) and isinstance(values.get("train"), dict):
+                values = {**values, "train": {**defaults, **values["train"],
+                                              "task": {**defaults["task"], **(values["train"].get("task") or {})}}}
+            return values
+
+        @model_validator(mode="after")
+        def _task_matches(self) -> StageSpec:
+            if self.train.task.type != stage:
+                raise ValueError(f"the {stage} stage trains task '{stage}', but train.task.type is "
+                                 f"'{self.train.task.type}'")
+            return self
+
+    StageSpec.__name__ = StageSpec.__qualname__ = {"sft": "SFT", "reward": "Reward", "dpo": "DPO"}[stage] + "StageSpec"
+    return StageSpec
+
+
+SFTStageSpec = _stage_spec("sft", "demo-sft")
+RewardStageSpec = _stage_spec("reward", "demo-prefs")
+DPOStageSpec = _stage_spec("dpo", "demo-prefs")
 
 
 class EvalSpec(Section):
@@ -485,12 +668,29 @@ class JobSpec(Section):
     data: DataSpec = Field(default_factory=DataSpec, description="Data curation stage.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Model architecture and name.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Pretraining stage.")
+    sft: SFTStageSpec | None = Field(None, description="Supervised fine-tuning stage (unset: the pipeline skips it).")
+    reward: RewardStageSpec | None = Field(None, description="Reward-model stage (unset: the pipeline skips it).")
+    dpo: DPOStageSpec | None = Field(None, description="DPO stage (unset: the pipeline skips it).")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation stage.")
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Serving stage.")
+
+    @model_validator(mode="after")
+    def _pretrain_task(self) -> JobSpec:
+        if self.train.task.type != "pretrain":
+            raise ValueError(f"train is the pretraining run: train.task.type must be 'pretrain' (got "
+                             f"'{self.train.task.type}'); post-training runs go in the sft, reward and dpo sections")
+        return self
 
     @property
     def run_name(self) -> str:
         return self.train.run_name or self.name
+
+    def stage_run_name(self, stage: str) -> str:
+        """Run name (and exported version) of a post-training stage: its train.run_name, else <name>-<stage>."""
+        return getattr(self, stage).train.run_name or f"{self.name}-{stage}"
+
+    def stage_model_name(self, stage: str) -> str:
+        return getattr(self, stage).model_name or f"{self.model.name}-{stage}"
 
     @property
     def served_model_name(self) -> str:

@@ -66,7 +66,10 @@ def perplexity(ds: Any, model_dir: str, batch_size: int, untrained: bool = False
 
 
 def default_model_dir(spec: JobSpec) -> str:
-    return storage.Layout(spec.storage.root).model(spec.model.name, spec.run_name)
+    """The model the spec serves (the aligned one when it post-trains)."""
+    from raytrain.deploy import served_model_dir
+
+    return served_model_dir(spec)
 
 
 def run_eval(spec: JobSpec, model_dir: str | None = None) -> dict[str, Any]:
@@ -75,7 +78,7 @@ def run_eval(spec: JobSpec, model_dir: str | None = None) -> dict[str, Any]:
 
     t0 = time.time()
     layout = storage.Layout(spec.storage.root)
-    model_dir = model_dir or spec.serve.model_path or default_model_dir(spec)
+    model_dir = model_dir or default_model_dir(spec)
     if not storage.exists(storage.join(model_dir, "config.json")):
         raise StageInputError(f"no exported model at {model_dir}: run the pretrain stage first")
     split_dir = storage.join(layout.dataset(spec.data.name), spec.eval.split)
@@ -97,7 +100,9 @@ def run_eval(spec: JobSpec, model_dir: str | None = None) -> dict[str, Any]:
         result["untrained_perplexity"] = base["perplexity"]
         result["beats_untrained"] = result["perplexity"] < base["perplexity"]
     result["seconds"] = round(time.time() - t0, 1)
-    storage.write_json(storage.join(model_dir, "eval.json"), result)
+    eval_path = storage.join(model_dir, "eval.json")
+    earlier = storage.read_json(eval_path) if storage.exists(eval_path) else {}  # e.g. a post-training stage's
+    storage.write_json(eval_path, {**earlier, **result})
     log.info("perplexity on %s: %.2f (untrained: %s)", spec.eval.split, result["perplexity"],
              f"{result.get('untrained_perplexity', float('nan')):.2f}")
     return result

@@ -10,8 +10,11 @@ from typing import Any
 
 import yaml
 
+from raytrain.stages import BATCH_STAGES
+
 GROUP, VERSION = "ray.io", "v1"
-STAGES = ("data", "pretrain", "eval", "pipeline")
+# Stages that run to completion (RayJobs); `serve` is the RayService's business. From the one stage table.
+STAGES = BATCH_STAGES
 SERVE_IMPORT_PATH = "serving.app:build_app"
 # Where rollout keeps the models list it replaced, so rollback can restore it.
 PREVIOUS_ANNOTATION = "raytrain.io/previous-models"
@@ -61,7 +64,9 @@ def rayjob(
     if storage_root:
         argv.append(f"storage.root={storage_root}")
     if run_name:
-        argv.append(f"train.run_name={run_name}")
+        # Post-training stages keep their run in their own section (sft.train.run_name …).
+        section = stage if stage in ("sft", "reward", "dpo") else "train"
+        argv.append(f"{section}.train.run_name={run_name}" if section != "train" else f"train.run_name={run_name}")
     argv += list(overrides)
     spec: dict[str, Any] = {
         "entrypoint": shlex.join(argv),

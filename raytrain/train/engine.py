@@ -91,17 +91,22 @@ def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def micro_step(engine: Any, task: Any, batch: dict[str, Any]) -> tuple[float, int, bool]:
+def micro_step(engine: Any, task: Any, batch: dict[str, Any], scale: float) -> tuple[float, dict[str, Any], bool]:
     """Forward, backward and (at an accumulation boundary) optimizer step on one micro-batch.
 
-    Returns (loss, tokens in the loss, whether an optimizer step happened).
+    The task's loss is a sum over the micro-batch's weight (tokens or pairs). DeepSpeed divides what is
+    backpropagated by the accumulation steps and averages gradients over ranks, so the caller passes
+    ``scale = world_size * grad_accum_steps / (weight of the whole step on all ranks)``: the gradient is then
+    exactly that of the step's loss summed over every rank's micro-batches and divided by its total weight.
+
+    Returns (loss sum, per-example statistics, whether an optimizer step happened).
     """
     batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-    loss, ntok = task.loss(engine, batch)
-    engine.backward(loss)
+    loss_sum, stats = task.loss(engine, batch)
+    engine.backward(loss_sum * scale)
     boundary = engine.is_gradient_accumulation_boundary()
     engine.step()
-    return float(loss.detach()), ntok, boundary
+    return float(loss_sum.detach()), stats, boundary
 
 
 def partition_stats(engine: Any) -> dict[str, int]:

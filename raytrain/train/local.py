@@ -115,8 +115,8 @@ class LocalContext:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.published: list[Path] = []
 
-    def train_shard(self) -> LocalShard:
-        return LocalShard(self.data_dir, self.rank, self.world_size)
+    def train_shard(self, columns: tuple[str, ...]) -> LocalShard:
+        return LocalShard(self.data_dir, self.rank, self.world_size, columns=tuple(columns))
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:

@@ -55,8 +55,8 @@ class LoopContext(Protocol):
     world_size: int
     run_name: str
 
-    def train_shard(self) -> Any:
-        """This rank's training data: an object with Ray Data's ``iter_torch_batches`` signature."""
+    def train_shard(self, columns: tuple[str, ...]) -> Any:
+        """This rank's training data (the task's `columns`): an object with Ray Data's ``iter_torch_batches``."""
         ...
 
     def latest_checkpoint(self) -> AbstractContextManager[str | None]:
@@ -95,7 +95,11 @@ class TensorBoardSink:
 
 
 def export_hf(engine: Any, out_dir: str, rank: int, zero_stage: int) -> None:
-    """Write a transformers directory (config + safetensors) from rank 0; all ranks must call it."""
+    """Write a transformers directory (config + safetensors) from rank 0; all ranks must call it.
+
+    A LoRA model (peft) is exported with its adapters merged into the weights, so the directory loads with
+    the plain ``AutoModelFor…`` class and needs no merge step.
+    """
     import deepspeed
 
     module = engine.module
@@ -103,9 +107,43 @@ def export_hf(engine: Any, out_dir: str, rank: int, zero_stage: int) -> None:
         # Parameters are partitioned: gather full tensors on every rank, rank 0 writes them.
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if rank == 0:
-                module.save_pretrained(out_dir, safe_serialization=True)
+                _save(module, out_dir)
     elif rank == 0:
+        _save(module, out_dir)
+
+
+def _save(module: Any, out_dir: str) -> None:
+    if hasattr(module, "peft_config"):
+        merged_model(module).save_pretrained(out_dir, safe_serialization=True)
+    else:
         module.save_pretrained(out_dir, safe_serialization=True)
+
+
+def merged_model(peft_model: Any) -> Any:
+    """A plain transformers model holding base + (alpha/r)·B·A, built without touching the training model.
+
+    (peft's ``merge_and_unload`` merges in place, which would change the weights being trained mid-run.)
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    base = peft_model.get_base_model()
+    deltas = {name: mod.get_delta_weight(mod.active_adapters[0]) for name, mod in base.named_modules()
+              if isinstance(mod, LoraLayer)}
+    state: dict[str, torch.Tensor] = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        if ".base_layer." in key:
+            module_name, _, leaf = key.partition(".base_layer.")
+            key = f"{module_name}.{leaf}"
+            if leaf == "weight" and module_name in deltas:
+                value = value + deltas[module_name].to(value.dtype)
+        state[key] = value.detach().clone()
+    plain = AutoModelForCausalLM.from_config(base.config)  # on CPU: non-persistent buffers (RoPE) are computed
+    plain.load_state_dict(state, strict=True)
+    return plain
 
 
 def fingerprint(row: Any) -> str:
@@ -146,11 +184,57 @@ def _memory_bytes(use_gpu: bool) -> int:
 
 
 def build_task(config: dict[str, Any]) -> Any:
-    from raytrain.train.task import CausalLMTask
-
+    """The `TrainTask` that `train.task.type` names (pretrain, sft, reward, dpo)."""
     t = config["train"]
-    return CausalLMTask(config["model_config"], seed=t["seed"], init_from=config.get("init_from"),
-                        shuffle_buffer=t["shuffle_buffer"])
+    kind = (t.get("task") or {}).get("type", "pretrain")
+    if kind == "pretrain":
+        from raytrain.train.task import CausalLMTask
+
+        return CausalLMTask(config["model_config"], seed=t["seed"], init_from=config.get("init_from"),
+                            shuffle_buffer=t["shuffle_buffer"])
+    from raytrain.posttrain.tasks import build_posttrain_task
+
+    return build_posttrain_task(config)
+
+
+class _Stats:
+    """Per-example statistics of one reporting interval on this rank: sums, counts, extremes."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+        self.mins: dict[str, float] = {}
+        self.maxs: dict[str, float] = {}
+
+    def add(self, stats: dict[str, Any]) -> None:
+        for k, v in stats.items():
+            v = v.float()
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.sum())
+            self.counts[k] = self.counts.get(k, 0.0) + v.numel()
+            self.mins[k] = min(self.mins.get(k, float("inf")), float(v.min()))
+            self.maxs[k] = max(self.maxs.get(k, float("-inf")), float(v.max()))
+
+    def reduce(self, names: list[str], extremes: tuple[str, ...], device: Any) -> dict[str, float]:
+        """Means over every rank's examples (and min/max for `extremes`); collective: every rank calls it."""
+        import torch
+        import torch.distributed as dist
+
+        if not names:
+            return {}
+        sc = torch.tensor([[self.sums.get(k, 0.0), self.counts.get(k, 0.0)] for k in names], dtype=torch.float64,
+                          device=device)  # (names, 2)
+        dist.all_reduce(sc)
+        lo = torch.tensor([self.mins.get(k, float("inf")) for k in names], dtype=torch.float64, device=device)
+        hi = torch.tensor([self.maxs.get(k, float("-inf")) for k in names], dtype=torch.float64, device=device)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        out: dict[str, float] = {}
+        for i, k in enumerate(names):
+            s, c = (float(x) for x in sc[i].cpu())
+            out[k] = s / c if c else 0.0
+            if k in extremes:
+                out[f"{k}_min"], out[f"{k}_max"] = float(lo[i]), float(hi[i])
+        return out
 
 
 def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any]:
@@ -174,8 +258,10 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
     torch.manual_seed(t["seed"])
 
     task = build_task(config)
+    task_type = (t.get("task") or {}).get("type", "pretrain")
     engine, scheduler = build_engine(task.build_model(), t)
     device = engine.device  # the process group's device: every collective's tensors live here
+    task.setup(engine)
 
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "tokens": 0}
     with ctx.latest_checkpoint() as ckpt_dir:
@@ -195,14 +281,18 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
     nodes: list[Any] = [None] * world
     dist.all_gather_object(nodes, ctx.node_id())
     device_name = torch.cuda.get_device_name() if use_cuda and torch.cuda.is_available() else "cpu"
-    seq_len = config["model_config"]["max_position_embeddings"]
+    seq_len = config.get("seq_len") or config["model_config"]["max_position_embeddings"]
     sample_dir = config.get("sample_log_dir")
 
-    shard = ctx.train_shard()
-    interval_loss, interval_tokens, interval_micro = 0.0, 0, 0
+    shard = ctx.train_shard(task.columns)
+    gas = t["grad_accum_steps"]
+    interval = {"loss": 0.0, "weight": 0.0, "tokens": 0, "examples": 0}
+    stats = _Stats()
+    stat_names: list[str] | None = None
     step_samples: list[str] = []
     metrics: dict[str, Any] = {}
     t_last = time.perf_counter()
+    pending: list[dict[str, Any]] = []  # the micro-batches of the optimizer step being assembled
 
     while state["step"] < t["max_steps"]:
         saw_batch = False
@@ -211,15 +301,30 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
             saw_batch = True
             if i < skip:
                 continue
-            if sample_dir:
-                step_samples.extend(fingerprint(row) for row in batch["input_ids"])
-            loss, ntok, boundary = micro_step(engine, task, batch)
-            state["micro_in_epoch"] = i + 1
-            interval_loss += loss
-            interval_tokens += ntok
-            interval_micro += 1
-            if not boundary:
+            pending.append(batch)
+            if len(pending) < gas:
                 continue
+            # The step's loss is a sum over every rank's micro-batches divided by their total weight (tokens or
+            # pairs), known before any forward: one all-reduce per optimizer step.
+            weights = [task.weight(b) for b in pending]
+            total = torch.tensor([sum(weights)], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            scale = world * gas / max(float(total[0]), 1.0)
+            for b in pending:
+                if sample_dir:
+                    step_samples.extend(fingerprint(row) for row in _sample_rows(b))
+                loss_sum, step_stats, boundary = micro_step(engine, task, b, scale)
+                stats.add(step_stats)
+                if stat_names is None:
+                    stat_names = sorted(step_stats)
+                interval["loss"] += loss_sum
+                interval["tokens"] += task.tokens(b)
+                interval["examples"] += _examples(b, task)
+            interval["weight"] += sum(weights)
+            pending = []
+            state["micro_in_epoch"] = i + 1
+            if not boundary:
+                raise RuntimeError("DeepSpeed did not step at the end of grad_accum_steps micro-batches")
             state["step"] += 1
             step = state["step"]
             if sample_dir:
@@ -230,33 +335,37 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
                 step_samples = []
             is_ckpt = step % t["checkpoint_every"] == 0 or step == t["max_steps"]
             if step % t["log_every"] == 0 or is_ckpt:
-                # (3,) on the process group's device: NCCL rejects CPU tensors.
-                stats = torch.tensor([interval_loss, interval_micro, interval_tokens], dtype=torch.float64,
-                                     device=device)
-                dist.all_reduce(stats)  # loss and tokens over all ranks
-                loss_sum, micro_sum, token_sum = (float(x) for x in stats.cpu())
+                # (4,) on the process group's device: NCCL rejects CPU tensors.
+                sums = torch.tensor([interval["loss"], interval["weight"], interval["tokens"], interval["examples"]],
+                                    dtype=torch.float64, device=device)
+                dist.all_reduce(sums)  # over all ranks
+                loss_sum, weight_sum, token_sum, example_sum = (float(x) for x in sums.cpu())
                 elapsed = time.perf_counter() - t_last
                 state["tokens"] += int(token_sum)
                 tps = token_sum / elapsed if elapsed > 0 else 0.0
                 metrics = {
                     "step": step,
                     "epoch": state["epoch"],
-                    "loss": loss_sum / micro_sum,
+                    "task": task_type,
+                    "loss": loss_sum / weight_sum if weight_sum else 0.0,
                     "lr": float(scheduler.get_last_lr()[0]),
                     "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                     "tokens_per_s": tps,
+                    "examples_per_s": example_sum / elapsed if elapsed > 0 else 0.0,
                     "tokens_seen": state["tokens"],
                     "mfu": mfu(tps, config["model_config"], seq_len, world, device_name),
                     "memory_bytes": _memory_bytes(use_cuda),
                     "num_nodes": len(set(nodes)),
                     "device": device_name,
+                    **stats.reduce(stat_names or [], task.extremes, device),
                     **partition_stats(engine),
                 }
                 if sinks:
                     sinks.emit(metrics)
                     log.info("step %d  loss %.4f  lr %.2e  grad_norm %.3f  tokens/s %.0f", step, metrics["loss"],
                              metrics["lr"], metrics["grad_norm"], tps)
-                interval_loss, interval_tokens, interval_micro = 0.0, 0, 0
+                interval = {"loss": 0.0, "weight": 0.0, "tokens": 0, "examples": 0}
+                stats = _Stats()
                 if is_ckpt:
                     _save_and_report(ctx, engine, metrics, state, t["zero_stage"], use_cuda,
                                      config.get("crash_in_save_at_step"))
@@ -267,13 +376,25 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
                 break
         if not saw_batch:
             raise RuntimeError(
-                f"the train split gave rank {rank} no batch of {t['micro_batch_size']} sequences; "
-                f"it needs at least num_workers x micro_batch_size = {world * t['micro_batch_size']} sequences"
+                f"the train split gave rank {rank} no batch of {t['micro_batch_size']} rows; "
+                f"it needs at least num_workers x micro_batch_size = {world * t['micro_batch_size']} rows"
             )
         if state["step"] < t["max_steps"]:
             state["epoch"] += 1
             state["micro_in_epoch"] = 0
+            pending = []  # an incomplete step at the end of an epoch is dropped, on every rank alike
     return metrics
+
+
+def _sample_rows(batch: dict[str, Any]) -> Any:
+    """The rows that identify a micro-batch's examples (token ids; for pairs, chosen and rejected together)."""
+    return batch["input_ids"]
+
+
+def _examples(batch: dict[str, Any], task: Any) -> int:
+    """Examples in a micro-batch: rows, or pairs for tasks whose batches stack chosen and rejected."""
+    rows = int(batch["input_ids"].shape[0])
+    return rows // 2 if "chosen_len" in getattr(task, "columns", ()) else rows
 
 
 def _save_and_report(ctx: LoopContext, engine: Any, metrics: dict[str, Any], state: dict[str, int],

@@ -15,21 +15,41 @@ if TYPE_CHECKING:
 
 
 class TrainTask(Protocol):
+    columns: tuple[str, ...]
+    """Columns of the training Parquet the task reads."""
+    extremes: tuple[str, ...]
+    """Per-example statistics reported with their min and max as well as their mean."""
+
     def build_model(self) -> torch.nn.Module:
         """The trainable module, identically initialised on every rank."""
+        ...
+
+    def setup(self, engine: Any) -> None:
+        """Anything that needs the engine's device (e.g. a frozen reference model)."""
         ...
 
     def batches(self, shard: Any, micro_batch_size: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's micro-batches for one epoch; every rank must yield the same number."""
         ...
 
-    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """(scalar loss to backpropagate, tokens that contributed to it)."""
+    def weight(self, batch: dict[str, torch.Tensor]) -> float:
+        """What the loss of this micro-batch is a sum over (target tokens, or pairs), known before the forward."""
+        ...
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens the micro-batch processes (throughput)."""
+        ...
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss summed over the batch's weight, per-example statistics to report as means)."""
         ...
 
 
 class CausalLMTask:
-    """Next-token prediction on packed sequences with padding masked out of the loss."""
+    """Next-token prediction on packed sequences with padding masked out of the loss; weight = target tokens."""
+
+    columns = ("input_ids", "num_tokens")
+    extremes: tuple[str, ...] = ()
 
     def __init__(self, model_config: dict[str, Any], seed: int, init_from: str | None = None,
                  shuffle_buffer: int = 0) -> None:
@@ -63,8 +83,21 @@ class CausalLMTask:
             mask = torch.arange(ids.shape[1])[None, :] < batch["num_tokens"][:, None]  # (batch, seq)
             yield {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100)}
 
-    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        out = model(**batch)
+    def setup(self, engine: Any) -> None:
+        pass
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> float:
         # Labels are shifted inside the model: the first position of each row predicts nothing.
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
-        return out.loss, tokens
+        return float((batch["labels"][:, 1:] != -100).sum())
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        import torch
+
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        labels = batch["labels"][:, 1:]
+        loss_sum = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                     ignore_index=-100, reduction="sum")
+        return loss_sum, {}

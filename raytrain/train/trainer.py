@@ -14,8 +14,9 @@ from typing import Any
 
 from raytrain import __version__, storage
 from raytrain.config.loader import dump_spec
-from raytrain.config.schema import JobSpec
+from raytrain.config.schema import JobSpec, TrainSpec
 from raytrain.errors import StageInputError
+from raytrain.train.loop import HF_DIR
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +61,84 @@ def _git_revision() -> str | None:
         return None
 
 
+def fit(t: TrainSpec, run_name: str, root: str, train_ds: Any, loop_config: dict[str, Any]) -> Any:
+    """Run the shared loop on Ray Train for one training section; every training stage comes through here."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raytrain.train.worker import train_loop_per_worker
+
+    layout = storage.Layout(root)
+    resources = {"GPU": 1, "CPU": 1} if t.use_gpu else {"CPU": 1}
+    run_dir = storage.join(layout.runs(), run_name)
+    tb_dir = storage.join(run_dir, "tensorboard") if t.tensorboard and not storage.is_uri(run_dir) else None
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": t.model_dump(mode="json"),
+            "tensorboard_dir": tb_dir,
+            "sample_log_dir": storage.join(run_dir, "samples") if t.sample_log else None,
+            **loop_config,
+        },
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=t.placement_strategy),
+        # A fixed block order (seeded, by the caller) and preserve_order make each worker's shard the same stream
+        # on every run, which is what makes resume exact (see loop.py).
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=layout.runs(),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets={"train": train_ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
+    return result
+
+
+def export_model(result: Any, model_dir: str, file_dirs: list[str], lineage: dict[str, Any],
+                 spec: JobSpec, extra_json: dict[str, dict[str, Any]] | None = None) -> None:
+    """Publish the checkpoint's Hugging Face export at `model_dir` with the files of `file_dirs` (tokenizer),
+    `lineage.json`, `spec.yaml` and any `extra_json` documents, in one upload of a complete directory."""
+    with result.checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        shutil.copytree(Path(ckpt) / HF_DIR, out)
+        for src in file_dirs:
+            with storage.local_dir(src) as d:
+                for f in Path(d).iterdir():
+                    if f.is_file() and is_tokenizer_file(f.name):
+                        shutil.copy2(f, out / f.name)
+        base = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "raytrain_version": __version__,
+            "git_revision": _git_revision(),
+            "checkpoint": result.checkpoint.path,
+            "metrics": result.metrics,
+        }
+        (out / "lineage.json").write_text(json.dumps({**lineage, **base, "spec": spec.model_dump(mode="json")},
+                                                     indent=2, default=str))
+        (out / "spec.yaml").write_text(dump_spec(spec))
+        for name, doc in (extra_json or {}).items():
+            (out / name).write_text(json.dumps(doc, indent=2, default=str))
+        storage.upload_dir(out, model_dir)
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Files of a Hugging Face tokenizer (what an export copies from the data stage or from its parent model)."""
+    return name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja",
+                                                     "added_tokens.json", "vocab.json", "merges.txt")
+
+
 def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, then export models/<model.name>/<run_name>/. Returns the final metrics and paths.
 
     `fault_injection` is for tests only (e.g. {"crash_in_save_at_step": 20}).
     """
     import ray.data
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from raytrain.train.worker import HF_DIR, train_loop_per_worker
 
     t0 = time.time()
     layout = storage.Layout(spec.storage.root)
@@ -83,63 +151,23 @@ def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -
         raise StageInputError(f"train split has {n_train} sequences; num_workers x micro_batch_size needs {need}")
 
     t = spec.train
-    resources = {"GPU": 1, "CPU": 1} if t.use_gpu else {"CPU": 1}
-    run_dir = storage.join(layout.runs(), spec.run_name)
-    tb_dir = storage.join(run_dir, "tensorboard") if t.tensorboard and not storage.is_uri(run_dir) else None
-    # A fixed block order (seeded) and preserve_order make each worker's shard the same stream on every
-    # run, which is what makes resume exact (see worker.py).
     train_ds = (ray.data.read_parquet(train_path).select_columns(["input_ids", "num_tokens"])
                 .randomize_block_order(seed=t.seed))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "train": t.model_dump(mode="json"),
-            "model_config": model_config,
-            "init_from": spec.model.init_from,
-            "tensorboard_dir": tb_dir,
-            "sample_log_dir": storage.join(run_dir, "samples") if t.sample_log else None,
-            **(fault_injection or {}),
-        },
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=t.placement_strategy),
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=RunConfig(
-            name=spec.run_name,
-            storage_path=layout.runs(),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-        ),
-        datasets={"train": train_ds},
-    )
     log.info("pretraining %s (%s preset) on %d workers, ZeRO-%d, %d steps", spec.model.name, spec.model.preset,
              t.num_workers, t.zero_stage, t.max_steps)
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
+    result = fit(t, spec.run_name, spec.storage.root, train_ds, {
+        "model_config": model_config, "init_from": spec.model.init_from, **(fault_injection or {})})
 
     model_dir = layout.model(spec.model.name, spec.run_name)
-    with result.checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "model"
-        shutil.copytree(Path(ckpt) / HF_DIR, out)
-        with storage.local_dir(manifest["tokenizer"]["path"]) as tok_dir:
-            for f in Path(tok_dir).iterdir():
-                if f.is_file():
-                    shutil.copy2(f, out / f.name)
-        lineage = {
-            "model": spec.model.name,
-            "version": spec.run_name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "raytrain_version": __version__,
-            "git_revision": _git_revision(),
-            "dataset": {"name": spec.data.name, "manifest_sha256": _manifest_sha(spec)},
-            "tokenizer_sha256": manifest["tokenizer"]["sha256"],
-            "checkpoint": result.checkpoint.path,
-            "metrics": result.metrics,
-            "spec": spec.model_dump(mode="json"),
-        }
-        (out / "lineage.json").write_text(json.dumps(lineage, indent=2, default=str))
-        (out / "spec.yaml").write_text(dump_spec(spec))
-        storage.upload_dir(out, model_dir)
+    lineage = {
+        "model": spec.model.name,
+        "version": spec.run_name,
+        "task": "pretrain",
+        "parent": {"path": spec.model.init_from} if spec.model.init_from else None,
+        "dataset": {"name": spec.data.name, "manifest_sha256": _manifest_sha(spec)},
+        "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+    }
+    export_model(result, model_dir, [manifest["tokenizer"]["path"]], lineage, spec)
     log.info("exported %s in %.0fs (final loss %.4f)", model_dir, time.time() - t0, result.metrics.get("loss", -1))
     return {"model_dir": model_dir, "metrics": result.metrics, "checkpoint": result.checkpoint.path}
 

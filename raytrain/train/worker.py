@@ -62,9 +62,10 @@ class RayTrainContext:
         self.world_size = self._ctx.get_world_size()
         self.run_name = self._ctx.get_experiment_name()
 
-    def train_shard(self) -> Any:
+    def train_shard(self, columns: tuple[str, ...]) -> Any:
         import ray.train
 
+        # The driver selected the task's columns when it built the dataset.
         return ray.train.get_dataset_shard("train")
 
     @contextmanager

@@ -1,0 +1,234 @@
+"""The post-training stages (driver side): parent model + data -> Ray Data prep -> the shared loop -> export.
+
+`raytrain sft|reward|dpo` (and `python -m jobs.<stage>`) run one stage from its section of the spec:
+
+1. resolve the parent model (the section's `parent`, else the previous stage of this spec);
+2. prepare the data with Ray Data in the parent's tokenizer and chat template (`raytrain.posttrain.data`): the
+   accounting identity holds and malformed rows are quarantined with reasons;
+3. DPO with `reference: precomputed`: one Ray Data batch-inference pass adds the reference log-probabilities to
+   every pair (train and validation), so no reference model sits in training memory;
+4. train on Ray Train with the shared loop (`raytrain.train.loop`) and the stage's task;
+5. score the held-out split with the trained model (reward accuracy, DPO implicit-reward accuracy, SFT response
+   NLL) and export a Hugging Face directory with `lineage.json` naming the parent and the data, and `eval.json`.
+
+Every step's output is a file artifact keyed by its inputs, so a re-run (a resume after a crash, or the next
+stage of a pipeline) reuses what is already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from raytrain import storage
+from raytrain.config.schema import JobSpec, PostTrainStageSpec
+from raytrain.errors import StageInputError
+
+log = logging.getLogger(__name__)
+
+POST_TRAINING = ("sft", "reward", "dpo")
+KIND = {"sft": "sft", "reward": "preference", "dpo": "preference"}
+
+
+def stage_spec(spec: JobSpec, stage: str) -> PostTrainStageSpec:
+    section = getattr(spec, stage)
+    if section is None:
+        raise StageInputError(f"the spec {spec.name!r} has no `{stage}` section; add one (see jobs/configs/"
+                              f"{stage}.yaml) or run a recipe that has it")
+    return section
+
+
+def model_dir_of(spec: JobSpec, stage: str) -> str:
+    """Where a stage of this spec exports its model (pretrain: models/<model.name>/<run_name>)."""
+    layout = storage.Layout(spec.storage.root)
+    if stage == "pretrain":
+        return layout.model(spec.model.name, spec.run_name)
+    return layout.model(spec.stage_model_name(stage), spec.stage_run_name(stage))
+
+
+def resolve_parent(spec: JobSpec, stage: str) -> str:
+    """The section's `parent`, else: sft <- the pretrained model; reward and dpo <- the SFT model (or pretrained)."""
+    section = stage_spec(spec, stage)
+    if section.parent:
+        parent = section.parent.removeprefix("file://") if section.parent.startswith("file://") else section.parent
+        if storage.is_uri(parent) or os.path.isabs(os.path.expanduser(parent)):
+            return os.path.expanduser(parent) if not storage.is_uri(parent) else parent
+        return storage.join(storage.Layout(spec.storage.root).root, parent)  # relative: under the storage root
+    if stage == "sft" or spec.sft is None:
+        return model_dir_of(spec, "pretrain")
+    return model_dir_of(spec, "sft")
+
+
+def _check_parent(path: str, stage: str) -> dict[str, Any]:
+    if not storage.exists(storage.join(path, "config.json")):
+        raise StageInputError(f"{stage}: the parent model {path} has no config.json; train it first (or set "
+                              f"{stage}.parent to a Hugging Face model directory)")
+    lineage_path = storage.join(path, "lineage.json")
+    return storage.read_json(lineage_path) if storage.exists(lineage_path) else {}
+
+
+def input_paths(spec: JobSpec, stage: str) -> tuple[list[str], dict[str, Any] | None]:
+    """The files the stage reads, generating the embedded alignment demo when the source is 'demo'."""
+    data = stage_spec(spec, stage).data
+    if data.source == "files":
+        return list(data.paths), None
+    from raytrain.posttrain.demo import write_alignment_demo
+
+    demo_dir = storage.Layout(spec.storage.root).raw(f"alignment-demo-{data.demo.seed}")
+    marker = storage.join(demo_dir, "demo.json")
+    key = hashlib.sha256(json.dumps(data.demo.model_dump(), sort_keys=True).encode()).hexdigest()
+    demo = storage.read_json(marker) if storage.exists(marker) else None
+    if not demo or demo.get("key") != key:
+        demo = {**write_alignment_demo(demo_dir, data.demo), "key": key}
+        storage.write_json(marker, demo)  # written last: a crash mid-generation regenerates
+    return [demo["sft"] if stage == "sft" else demo["prefs"]], demo
+
+
+def prepare(spec: JobSpec, stage: str, parent: str) -> dict[str, Any]:
+    from raytrain.posttrain.data import prepare_posttrain_data
+
+    section = stage_spec(spec, stage)
+    paths, _ = input_paths(spec, stage)
+    out = storage.Layout(spec.storage.root).dataset(section.data.name)
+    with storage.local_dir(parent) as pdir:
+        return prepare_posttrain_data(KIND[stage], section.data, str(pdir), out, input_paths=paths,
+                                      quarantine_sample_bytes=spec.data.quarantine_sample_bytes)
+
+
+def _split_path(spec: JobSpec, stage: str, split: str) -> str:
+    return storage.join(storage.Layout(spec.storage.root).dataset(stage_spec(spec, stage).data.name), split)
+
+
+def reference_logps(spec: JobSpec, stage: str, parent: str, manifest: dict[str, Any],
+                    splits: tuple[str, ...] = ("train", "val")) -> dict[str, str]:
+    """Pairs of `splits` with the reference's log-probabilities added (cached per run and inputs)."""
+    import ray.data
+
+    from raytrain.posttrain.scoring import PairLogps, map_with
+
+    section = stage_spec(spec, stage)
+    t = section.train
+    run_dir = storage.join(storage.Layout(spec.storage.root).runs(), spec.stage_run_name(stage))
+    ref_dir = storage.join(run_dir, "reference")
+    key = hashlib.sha256(f"{manifest['key']}|{parent}|{','.join(splits)}".encode()).hexdigest()
+    marker = storage.join(ref_dir, "reference.json")
+    out = {split: storage.join(ref_dir, split) for split in splits}
+    if storage.exists(marker) and storage.read_json(marker).get("key") == key:
+        return out
+    if storage.exists(marker):
+        storage.remove_file(marker)  # inputs changed: the old pass no longer counts, even if this one crashes
+    t0 = time.time()
+    for split, dest in out.items():
+        if not manifest["splits"].get(split, {}).get("rows"):
+            continue
+        if storage.exists(dest):
+            storage.remove_tree(dest)
+        ds = ray.data.read_parquet(_split_path(spec, stage, split))
+        map_with(ds, PairLogps, {"model_dir": parent, "prefix": "ref"}, t.use_gpu,
+                 replicas=max(1, t.num_workers)).write_parquet(dest)
+    storage.write_json(marker, {"key": key, "parent": parent, "seconds": round(time.time() - t0, 1)})
+    log.info("reference log-probs of %s computed in %.1fs", parent, time.time() - t0)
+    return out
+
+
+def heldout(spec: JobSpec, stage: str, model_dir: str, val_path: str | None) -> dict[str, Any]:
+    """Held-out figures of the trained model on the validation split."""
+    import numpy as np
+    import ray.data
+
+    from raytrain.posttrain.scoring import PairLogps, PairRewards, ResponseNLL, map_with
+
+    if not val_path or not storage.exists(val_path):
+        return {}
+    t = stage_spec(spec, stage).train
+    replicas = max(1, t.num_workers)
+    ds = ray.data.read_parquet(val_path)
+    if stage == "reward":
+        rows = map_with(ds, PairRewards, {"model_dir": model_dir}, t.use_gpu, replicas).to_pandas()
+        margin = rows["reward_chosen"].to_numpy() - rows["reward_rejected"].to_numpy()
+        return {"pairs": len(rows), "accuracy": float(np.mean(margin > 0)), "margin_mean": float(np.mean(margin))}
+    if stage == "dpo":
+        rows = map_with(ds, PairLogps, {"model_dir": model_dir, "prefix": "policy"}, t.use_gpu, replicas).to_pandas()
+        beta = stage_spec(spec, stage).train.task.beta
+        chosen = beta * (rows["policy_chosen_logp"] - rows["ref_chosen_logp"]).to_numpy()
+        rejected = beta * (rows["policy_rejected_logp"] - rows["ref_rejected_logp"]).to_numpy()
+        return {"pairs": len(rows), "rewards/accuracies": float(np.mean(chosen > rejected)),
+                "rewards/margins": float(np.mean(chosen - rejected)), "rewards/chosen": float(np.mean(chosen)),
+                "rewards/rejected": float(np.mean(rejected))}
+    rows = map_with(ds, ResponseNLL, {"model_dir": model_dir}, t.use_gpu, replicas).to_pandas()
+    nll = float(rows["nll"].sum() / max(rows["targets"].sum(), 1.0))
+    return {"examples": len(rows), "response_nll": nll, "response_perplexity": float(np.exp(nll))}
+
+
+def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one post-training stage end to end; returns the export path, data accounting, metrics, held-out figures.
+
+    `fault_injection` is for tests only (e.g. {"crash_in_save_at_step": 20}).
+    """
+    import ray.data
+    from transformers import AutoConfig
+
+    from raytrain.train.trainer import export_model, fit
+
+    t0 = time.time()
+    section = stage_spec(spec, stage)
+    t = section.train
+    parent = resolve_parent(spec, stage)
+    parent_lineage = _check_parent(parent, stage)
+    manifest = prepare(spec, stage, parent)
+    n_train = manifest["splits"]["train"]["rows"]
+    need = t.num_workers * t.micro_batch_size
+    if n_train < need:
+        raise StageInputError(f"{stage}: the train split has {n_train} rows; num_workers x micro_batch_size "
+                              f"needs {need}")
+    train_path, val_path = _split_path(spec, stage, "train"), _split_path(spec, stage, "val")
+    if stage == "dpo" and t.task.reference == "precomputed":
+        ref = reference_logps(spec, stage, parent, manifest)
+        train_path, val_path = ref["train"], ref["val"]
+    elif stage == "dpo":
+        # The held-out implicit rewards still need the reference's log-probs on the validation pairs.
+        val_path = reference_logps_val(spec, stage, parent, manifest)
+
+    from raytrain.posttrain.tasks import build_posttrain_task
+
+    with storage.local_dir(parent) as pdir:
+        model_config = AutoConfig.from_pretrained(str(pdir)).to_dict()
+    columns = list(build_posttrain_task({"train": t.model_dump(mode="json"), "init_from": parent}).columns)
+    train_ds = ray.data.read_parquet(train_path).select_columns(columns).randomize_block_order(seed=t.seed)
+    run_name = spec.stage_run_name(stage)
+    log.info("%s: %s on %d workers, ZeRO-%d, %d steps, from %s", stage, run_name, t.num_workers, t.zero_stage,
+             t.max_steps, parent)
+    result = fit(t, run_name, spec.storage.root, train_ds, {
+        "model_config": model_config, "init_from": parent, "seq_len": section.data.max_length,
+        **(fault_injection or {})})
+
+    model_dir = model_dir_of(spec, stage)
+    lineage = {
+        "model": spec.stage_model_name(stage),
+        "version": run_name,
+        "task": t.task.model_dump(mode="json"),
+        "parent": {"path": parent, "model": parent_lineage.get("model"), "version": parent_lineage.get("version"),
+                   "task": parent_lineage.get("task")},
+        "dataset": {"name": section.data.name, "key": manifest["key"], "counts": manifest["counts"],
+                    "splits": manifest["splits"], "sources": manifest.get("sources")},
+        "tokenizer_sha256": manifest.get("tokenizer_sha256"),
+    }
+    export_model(result, model_dir, [parent], lineage, spec)
+    figures = heldout(spec, stage, model_dir, val_path)
+    storage.write_json(storage.join(model_dir, "eval.json"), {"stage": stage, "heldout": figures})  # fresh export
+    log.info("%s: exported %s in %.0fs (final loss %.4f; held-out %s)", stage, model_dir, time.time() - t0,
+             result.metrics.get("loss", -1), figures)
+    return {"model_dir": model_dir, "parent": parent, "data": manifest["counts"],
+            "metrics": {k: v for k, v in result.metrics.items() if not isinstance(v, dict)},
+            "heldout": figures}
+
+
+def reference_logps_val(spec: JobSpec, stage: str, parent: str, manifest: dict[str, Any]) -> str | None:
+    """Validation pairs with reference log-probs, for the held-out figures of a run whose reference is in-worker."""
+    if not manifest["splits"].get("val", {}).get("rows"):
+        return None
+    return reference_logps(spec, stage, parent, manifest, splits=("val",))["val"]
