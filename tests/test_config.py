@@ -143,3 +143,73 @@ def test_relative_storage_root_inside_a_ray_job_is_refused(root: str, cwd: str, 
     assert (problem is not None) == refused
     if refused:
         assert "storage.root" in problem and "absolute path" in problem and "s3://" in problem
+
+
+@pytest.mark.parametrize(
+    ("tree", "must_name"),
+    [
+        ({"dpo": {"train": {"task": {"beta": -1}}}}, ["dpo.train.task.beta", "greater than 0", "-1"]),
+        ({"dpo": {"train": {"task": {"type": "ppo"}}}}, ["dpo.train.task", "'pretrain', 'sft', 'reward', 'dpo'"]),
+        ({"dpo": {"train": {"task": {"type": "sft"}}}}, ["dpo", "train.task.type is 'sft'"]),
+        ({"sft": {"train": {"task": {"lora": {"rank": 3}}}}}, ["sft.train.task.lora.rank", "alpha, dropout, r"]),
+        ({"dpo": {"train": {"task": {"loss_type": "ipo", "label_smoothing": 0.1}}}}, ["dpo.train.task", "sigmoid"]),
+        ({"dpo": {"train": {"task": {"reference": "cached"}}}}, ["dpo.train.task.reference", "'precomputed'"]),
+        ({"train": {"task": {"type": "dpo"}}}, ["train.task.type must be 'pretrain'", "dpo sections"]),
+        ({"sft": {"data": {"max_prompt_length": 300}}}, ["sft.data", "max_prompt_length (300)", "max_length (256)"]),
+        ({"reward": {"data": {"source": "files"}}}, ["reward.data", "paths"]),
+    ],
+)
+def test_bad_post_training_specs_name_the_key(tmp_path: Path, tree: dict, must_name: list[str]) -> None:
+    path = _write(tmp_path, tree)
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    for needle in must_name:
+        assert needle in str(err.value), f"{needle!r} not in: {err.value}"
+
+
+def test_post_training_sections_get_their_task_and_chain_parents() -> None:
+    from raytrain.posttrain.stage import resolve_parent
+
+    spec = load_spec("demo", ["storage.root=/data/rt", "dpo.train.task.beta=0.3", "reward.train.max_steps=7"])
+    assert spec.sft.train.task.type == "sft" and spec.reward.train.task.type == "reward"
+    assert spec.dpo.train.task.beta == 0.3 and spec.dpo.train.task.type == "dpo"
+    assert spec.reward.train.max_steps == 7 and spec.reward.train.lr == load_spec("demo").reward.train.lr
+    assert resolve_parent(spec, "sft") == "/data/rt/models/demo-lm/demo"
+    assert resolve_parent(spec, "dpo") == resolve_parent(spec, "reward") == "/data/rt/models/demo-lm-sft/demo-sft"
+    # A stage recipe names its parent relative to the storage root, or absolutely, or as a URI.
+    alone = load_spec("dpo", ["storage.root=s3://b/p"])
+    assert alone.sft is None and resolve_parent(alone, "dpo") == "s3://b/p/models/demo-lm-sft/demo-sft"
+    assert resolve_parent(load_spec("dpo", ["dpo.parent=/m/x"]), "dpo") == "/m/x"
+
+
+def test_one_stage_table_drives_cli_jobs_ops_and_chart() -> None:
+    import json
+
+    from raytrain.ops import manifests
+    from raytrain.stages import BATCH_STAGES, STAGE_TABLE
+
+    assert {"sft", "reward", "dpo"} <= set(STAGE_TABLE)
+    for name in STAGE_TABLE:
+        assert (REPO / "jobs" / f"{name}.py").exists(), name
+    help_text = subprocess.run([sys.executable, "-m", "raytrain.cli", "--help"], capture_output=True, text=True,
+                               cwd=REPO, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"}).stdout
+    for name in STAGE_TABLE:
+        assert f" {name} " in help_text, name
+    assert manifests.STAGES == BATCH_STAGES
+    schema = json.loads((REPO / "helm" / "raytrain" / "values.schema.json").read_text())
+    enums = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "stage" in node.get("properties", {}):
+                enums.append(node["properties"]["stage"]["enum"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema)
+    assert enums and all(sorted(e) == sorted(BATCH_STAGES) for e in enums)
+    job = manifests.rayjob("dpo", "dpo", cluster="c", run_name="r1")
+    assert "dpo.train.run_name=r1" in job["spec"]["entrypoint"]

@@ -59,29 +59,57 @@ def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any, item: str) -
     node[parts[-1]] = value
 
 
+def _members(ann: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (a model, an optional one, or a union of them)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    return [m for arg in typing.get_args(ann) for m in _members(arg)]
+
+
+def _tag(model: type[BaseModel]) -> str | None:
+    """The `type` tag of a discriminated-union member (train.task's members)."""
+    field = model.model_fields.get("type")
+    args = typing.get_args(field.annotation) if field else ()
+    return str(args[0]) if len(args) == 1 else None
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, tuple[Any, ...]]:
+    """(the model owning the field at `loc`, `loc` without the union tags pydantic inserts)."""
+    model: type[BaseModel] | None = JobSpec
+    clean: list[Any] = []
+    parts = list(loc)
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        clean.append(part)
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None or i == len(parts) - 1:
+            model = None if field is None and i < len(parts) - 1 else model
+            i += 1
+            continue
+        members = _members(field.annotation)
+        nxt = members[0] if len(members) == 1 else None
+        if len(members) > 1 and i + 1 < len(parts):
+            # A discriminated union: pydantic's loc names the member by its tag next (task.dpo.beta).
+            nxt = next((m for m in members if _tag(m) == str(parts[i + 1])), None)
+            if nxt is not None:
+                i += 1
+        model = nxt
+        i += 1
+    return model, tuple(clean)
+
+
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model class that owns the field at `loc` (for listing allowed keys)."""
-    model: type[BaseModel] = JobSpec
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        candidates = [ann, *typing.get_args(ann)]
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nxt is None:
-            return None
-        model = nxt
-    return model
+    return _walk(loc)[0]
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+    owner, loc = _walk(tuple(err["loc"]))
     key = ".".join(str(p) for p in loc) or "<top level>"
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":
-        owner = _model_at(loc)
         allowed = ", ".join(sorted(owner.model_fields)) if owner else "?"
         return f"{key}: unknown key (value {value!r}); allowed keys here: {allowed}"
     msg = err["msg"]
