@@ -212,7 +212,7 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
         "version": run_name,
         "task": t.task.model_dump(mode="json"),
         "parent": {"path": parent, "model": parent_lineage.get("model"), "version": parent_lineage.get("version"),
-                   "task": parent_lineage.get("task")},
+                   "task": _task_type(parent_lineage)},
         "dataset": {"name": section.data.name, "key": manifest["key"], "counts": manifest["counts"],
                     "splits": manifest["splits"], "sources": manifest.get("sources")},
         "tokenizer_sha256": manifest.get("tokenizer_sha256"),
@@ -225,6 +225,11 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
     return {"model_dir": model_dir, "parent": parent, "data": manifest["counts"],
             "metrics": {k: v for k, v in result.metrics.items() if not isinstance(v, dict)},
             "heldout": figures}
+
+
+def _task_type(lineage: dict[str, Any]) -> str | None:
+    task = lineage.get("task")
+    return task.get("type") if isinstance(task, dict) else task
 
 
 def reference_logps_val(spec: JobSpec, stage: str, parent: str, manifest: dict[str, Any]) -> str | None:

@@ -63,6 +63,7 @@ def build_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
             continue
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # LoRA trains only matrices; ZeRO-3 drops empty groups anyway
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 

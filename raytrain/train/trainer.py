@@ -162,7 +162,7 @@ def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -
     lineage = {
         "model": spec.model.name,
         "version": spec.run_name,
-        "task": "pretrain",
+        "task": spec.train.task.model_dump(mode="json"),
         "parent": {"path": spec.model.init_from} if spec.model.init_from else None,
         "dataset": {"name": spec.data.name, "manifest_sha256": _manifest_sha(spec)},
         "tokenizer_sha256": manifest["tokenizer"]["sha256"],
