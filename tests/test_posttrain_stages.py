@@ -178,3 +178,12 @@ def test_dpo_worker_killed_mid_run_finishes_with_no_step_lost_or_repeated(root: 
     AutoModelForCausalLM.from_pretrained(result["model_dir"])
     assert result["heldout"]["pairs"] > 0
     assert (root / "runs" / "t-dpo" / "reference" / "reference.json").exists()
+
+
+def test_rerun_with_other_inputs_is_refused_instead_of_resuming_the_old_run(root: Path, sft: dict) -> None:
+    """Same run name, different task settings: the old run's checkpoints must not silently continue."""
+    from raytrain.errors import StageInputError
+    from raytrain.posttrain.stage import run_posttrain
+
+    with pytest.raises(StageInputError, match=r"sft.train.run_name.*new name|other inputs \(task differ"):
+        run_posttrain(spec_for(root, "sft", "sft.train.lr=3e-3", "sft.train.task.assistant_only_loss=false"), "sft")

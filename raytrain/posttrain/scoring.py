@@ -21,13 +21,15 @@ def _torch_batch(batch: dict[str, np.ndarray], columns: tuple[str, ...]) -> dict
 class PairLogps:
     """Adds `<prefix>_chosen_logp` and `<prefix>_rejected_logp`: summed log-probs of each response's tokens."""
 
-    def __init__(self, model_dir: str, prefix: str = "ref", use_gpu: bool = False) -> None:
+    def __init__(self, model_dir: str, prefix: str = "ref", use_gpu: bool = False, precision: str = "fp32") -> None:
         import torch
 
         self.device = "cuda" if use_gpu else "cpu"
         if not use_gpu:
             torch.set_num_threads(1)  # one CPU per actor, as scheduled
-        self.model = load_causal_lm(model_dir, seed=0).to(self.device).eval()
+        # The policy's precision: at step 0 the policy/reference log-ratios are then zero, not rounding noise.
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.model = load_causal_lm(model_dir, seed=0).to(self.device, dtype=dtype).eval()
         self.pad_id = int(self.model.config.pad_token_id or 0)
         self.prefix = prefix
 

@@ -63,6 +63,42 @@ def resolve_parent(spec: JobSpec, stage: str) -> str:
     return model_dir_of(spec, "sft")
 
 
+def model_identity(path: str) -> str:
+    """What identifies the weights at `path`: the checkpoint its lineage names, else its files' sizes and times.
+
+    Exporting another checkpoint to the same path (a parent stage re-trained) changes it, so what was computed
+    from the old weights is recomputed; re-exporting the same checkpoint (a re-run that had nothing left to train)
+    does not.
+    """
+    lineage_path = storage.join(path, "lineage.json")
+    if storage.exists(lineage_path) and storage.read_json(lineage_path).get("checkpoint"):
+        return f"{path}|{storage.read_json(lineage_path)['checkpoint']}"
+    import pyarrow.fs as pafs
+
+    fs, p = storage.filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return f"{path}|" + ",".join(sorted(f"{i.base_name}:{i.size}:{i.mtime_ns}" for i in infos))
+
+
+def check_run_inputs(spec: JobSpec, stage: str, parent: str, manifest: dict[str, Any]) -> None:
+    """Refuse to resume a run from other inputs: a run name's checkpoints belong to one parent, data and task."""
+    section = stage_spec(spec, stage)
+    run_dir = storage.join(storage.Layout(spec.storage.root).runs(), spec.stage_run_name(stage))
+    path = storage.join(run_dir, "inputs.json")
+    inputs = {"parent": model_identity(parent), "dataset_key": manifest["key"],
+              "task": section.train.task.model_dump(mode="json")}
+    if storage.exists(path):
+        before = storage.read_json(path)
+        if before != inputs:
+            changed = ", ".join(k for k in inputs if before.get(k) != inputs[k])
+            raise StageInputError(
+                f"{stage}: run {spec.stage_run_name(stage)!r} was started from other inputs ({changed} differ): its "
+                f"checkpoints would resume the old run. Set {stage}.train.run_name to a new name (or delete "
+                f"{run_dir} to start over)")
+        return
+    storage.write_json(path, inputs)
+
+
 def _check_parent(path: str, stage: str) -> dict[str, Any]:
     if not storage.exists(storage.join(path, "config.json")):
         raise StageInputError(f"{stage}: the parent model {path} has no config.json; train it first (or set "
@@ -114,7 +150,8 @@ def reference_logps(spec: JobSpec, stage: str, parent: str, manifest: dict[str, 
     t = section.train
     run_dir = storage.join(storage.Layout(spec.storage.root).runs(), spec.stage_run_name(stage))
     ref_dir = storage.join(run_dir, "reference")
-    key = hashlib.sha256(f"{manifest['key']}|{parent}|{','.join(splits)}".encode()).hexdigest()
+    key = hashlib.sha256(f"{manifest['key']}|{model_identity(parent)}|{t.precision}|{','.join(splits)}".encode()
+                         ).hexdigest()
     marker = storage.join(ref_dir, "reference.json")
     out = {split: storage.join(ref_dir, split) for split in splits}
     if storage.exists(marker) and storage.read_json(marker).get("key") == key:
@@ -123,12 +160,12 @@ def reference_logps(spec: JobSpec, stage: str, parent: str, manifest: dict[str, 
         storage.remove_file(marker)  # inputs changed: the old pass no longer counts, even if this one crashes
     t0 = time.time()
     for split, dest in out.items():
-        if not manifest["splits"].get(split, {}).get("rows"):
-            continue
         if storage.exists(dest):
             storage.remove_tree(dest)
+        if not manifest["splits"].get(split, {}).get("rows"):
+            continue
         ds = ray.data.read_parquet(_split_path(spec, stage, split))
-        map_with(ds, PairLogps, {"model_dir": parent, "prefix": "ref"}, t.use_gpu,
+        map_with(ds, PairLogps, {"model_dir": parent, "prefix": "ref", "precision": t.precision}, t.use_gpu,
                  replicas=max(1, t.num_workers)).write_parquet(dest)
     storage.write_json(marker, {"key": key, "parent": parent, "seconds": round(time.time() - t0, 1)})
     log.info("reference log-probs of %s computed in %.1fs", parent, time.time() - t0)
@@ -181,10 +218,11 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
     parent_lineage = _check_parent(parent, stage)
     manifest = prepare(spec, stage, parent)
     n_train = manifest["splits"]["train"]["rows"]
-    need = t.num_workers * t.micro_batch_size
+    need = t.num_workers * t.micro_batch_size * t.grad_accum_steps
     if n_train < need:
-        raise StageInputError(f"{stage}: the train split has {n_train} rows; num_workers x micro_batch_size "
-                              f"needs {need}")
+        raise StageInputError(f"{stage}: the train split has {n_train} rows; one optimizer step needs num_workers "
+                              f"x micro_batch_size x grad_accum_steps = {need}")
+    check_run_inputs(spec, stage, parent, manifest)
     train_path, val_path = _split_path(spec, stage, "train"), _split_path(spec, stage, "val")
     if stage == "dpo" and t.task.reference == "precomputed":
         ref = reference_logps(spec, stage, parent, manifest)

@@ -98,6 +98,8 @@ def pair_batch(batch: dict[str, torch.Tensor], pad_id: int) -> tuple[torch.Tenso
     loss_mask = _pad_cat(cm, rm, 0)
     lengths = torch.cat([batch["chosen_len"], batch["rejected_len"]])
     attn = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()
+    # The model's own pad id after each row's end: a sequence classifier pools at the last token that is not it.
+    ids = ids.masked_fill(attn == 0, pad_id)
     return ids, attn, loss_mask
 
 
@@ -269,7 +271,7 @@ class DPOTask:
         rc, rr = ref.chunk(2)
         if self.task.get("loss_type", "sigmoid") == "ipo":
             # IPO regresses the length-normalised log-ratio gap onto 1/(2 tau).
-            nc, nr = n_tok.chunk(2)
+            nc, nr = n_tok.clamp(min=1).chunk(2)
             gap = (pc - rc) / nc - (pr - rr) / nr
             losses = (gap - 1 / (2 * beta)) ** 2
         else:

@@ -140,8 +140,11 @@ def merged_model(peft_model: Any) -> Any:
             key = f"{module_name}.{leaf}"
             if leaf == "weight" and module_name in deltas:
                 value = value + deltas[module_name].to(value.dtype)
-        state[key] = value.detach().clone()
-    plain = AutoModelForCausalLM.from_config(base.config)  # on CPU: non-persistent buffers (RoPE) are computed
+        state[key] = value.detach().to("cpu", copy=True)  # off the accelerator: rank 0 holds one extra copy
+    # Built on CPU (non-persistent buffers such as RoPE's are computed); its random init must not advance the RNG
+    # streams the checkpoint recorded, or a resumed run would differ from an uninterrupted one.
+    with torch.random.fork_rng(devices=[]):
+        plain = AutoModelForCausalLM.from_config(base.config)
     plain.load_state_dict(state, strict=True)
     return plain
 
@@ -296,6 +299,7 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
 
     while state["step"] < t["max_steps"]:
         saw_batch = False
+        step_at_epoch_start = state["step"]
         skip = state["micro_in_epoch"]  # micro-batches of this epoch trained before the checkpoint
         for i, batch in enumerate(task.batches(shard, t["micro_batch_size"], state["epoch"])):
             saw_batch = True
@@ -379,6 +383,11 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
                 f"the train split gave rank {rank} no batch of {t['micro_batch_size']} rows; "
                 f"it needs at least num_workers x micro_batch_size = {world * t['micro_batch_size']} rows"
             )
+        if state["step"] == step_at_epoch_start and state["micro_in_epoch"] == 0:
+            raise RuntimeError(
+                f"an epoch of rank {rank}'s shard holds fewer than grad_accum_steps={gas} micro-batches: no optimizer "
+                f"step is possible; it needs num_workers x micro_batch_size x grad_accum_steps = "
+                f"{world * t['micro_batch_size'] * gas} rows")
         if state["step"] < t["max_steps"]:
             state["epoch"] += 1
             state["micro_in_epoch"] = 0

@@ -146,9 +146,10 @@ def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -
     model_config = model_config_for(spec, manifest)
     train_path = storage.join(layout.dataset(spec.data.name), "train")
     n_train = manifest["splits"]["train"]["sequences"]
-    need = spec.train.num_workers * spec.train.micro_batch_size
+    need = spec.train.num_workers * spec.train.micro_batch_size * spec.train.grad_accum_steps
     if n_train < need:
-        raise StageInputError(f"train split has {n_train} sequences; num_workers x micro_batch_size needs {need}")
+        raise StageInputError(f"train split has {n_train} sequences; one optimizer step needs num_workers x "
+                              f"micro_batch_size x grad_accum_steps = {need}")
 
     t = spec.train
     train_ds = (ray.data.read_parquet(train_path).select_columns(["input_ids", "num_tokens"])
