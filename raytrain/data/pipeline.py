@@ -28,7 +28,15 @@ from raytrain.config.schema import DataSpec, JobSpec
 from raytrain.data import documents as docs
 from raytrain.data import minhash
 from raytrain.data.pii import KINDS as PII_KINDS
-from raytrain.data.readers import format_of, parquet_rows, read_raw_rows, read_tasks, reported_rows
+from raytrain.data.readers import (
+    format_of,
+    parquet_files,
+    parquet_rows,
+    read_prepared,
+    read_raw_rows,
+    read_tasks,
+    reported_rows,
+)
 from raytrain.data.report import write_report_md
 from raytrain.errors import StageInputError
 
@@ -271,13 +279,12 @@ def accounted_rows(dirs: list[str]) -> tuple[dict[str, int], dict[str, int]]:
 
     Two small columns are read, not the documents.
     """
-    import ray.data
 
     per_node: dict[str, int] = defaultdict(int)
     per_source: dict[str, int] = defaultdict(int)
     for path in dirs:
         if storage.exists(path):
-            ds = ray.data.read_parquet(path).select_columns(["node", "source"])
+            ds = read_prepared(path, columns=["node", "source"])
             for row in ds.map_batches(outcome_counts, batch_format="pyarrow").take_all():
                 per_node[row["node"]] += int(row["rows"])
                 per_source[row["source"]] += int(row["rows"])
@@ -539,7 +546,7 @@ def curate(spec: JobSpec) -> dict[str, Any]:
     fuzzy_stats: dict[str, Any] = {"enabled": d.fuzzy_dedup.enabled}
     kept_dir = storage.join(stage, "annotated", "status=kept")
     if storage.exists(kept_dir):
-        kept = ray.data.read_parquet(kept_dir)
+        kept = read_prepared(kept_dir)
         kept = kept.map_batches(_with_status, fn_args=(docs.KEPT,), batch_format="pyarrow")
         if d.exact_dedup:
             kept = kept.groupby("hash", num_partitions=_shuffle_partitions()).map_groups(
@@ -548,7 +555,7 @@ def curate(spec: JobSpec) -> dict[str, Any]:
         _move_partition(storage.join(stage, "exact"), "status=removed", storage.join(out, "removed"))
     unique_dir = storage.join(stage, "exact", "status=kept")
     if storage.exists(unique_dir):
-        unique = ray.data.read_parquet(unique_dir).map_batches(_with_status, fn_args=(docs.KEPT,),
+        unique = read_prepared(unique_dir).map_batches(_with_status, fn_args=(docs.KEPT,),
                                                                batch_format="pyarrow")
         if d.fuzzy_dedup.enabled:
             unique, fuzzy_stats = fuzzy_dedup(unique, d)
@@ -566,20 +573,20 @@ def curate(spec: JobSpec) -> dict[str, Any]:
     for sub, status, body in (("removed", docs.REMOVED, "text"), ("quarantine", docs.QUARANTINED, "raw")):
         if not storage.exists(storage.join(out, sub)):
             continue
-        partial = ray.data.read_parquet(storage.join(out, sub)).select_columns(["doc_id", "reason", body])
+        partial = read_prepared(storage.join(out, sub), columns=["doc_id", "reason", body])
         for row in partial.map_batches(summarize_block, fn_args=(status, body, d.report_samples),
                                        batch_format="pyarrow").take_all():
             counts[status][row["reason"]] += int(row["count"])
             key = f"{status}:{row['reason']}"
             samples[key] = (samples[key] + json.loads(row["samples"]))[:d.report_samples]
-    documents = ray.data.read_parquet(storage.join(out, "documents"))
-    n_kept = documents.count()  # from Parquet metadata: no pass over the data
+    n_kept = sum(parquet_rows(parquet_files(storage.join(out, "documents"))).values())  # footers: no data pass
     n_removed = sum(counts[docs.REMOVED].values())
     n_quarantined = sum(counts[docs.QUARANTINED].values())
     n_read = sum(read_by_source.values())  # counted at the source, not from the outcomes
     pii_counts = dict.fromkeys(PII_KINDS, 0)
     pii_cols = [f"pii_{k}" for k in PII_KINDS]
-    for row in documents.select_columns(pii_cols).map_batches(_column_sums, batch_format="pyarrow").take_all():
+    documents = read_prepared(storage.join(out, "documents"), columns=pii_cols)
+    for row in documents.map_batches(_column_sums, batch_format="pyarrow").take_all():
         for k in PII_KINDS:
             pii_counts[k] += int(row[f"pii_{k}"])
 
@@ -612,7 +619,7 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
     by_kind, skipped, counts, samples = c["by_kind"], c["skipped"], c["counts"], c["samples"]
     n_kept, n_removed, n_quarantined, n_read = c["n_kept"], c["n_removed"], c["n_quarantined"], c["n_read"]
     pii_counts, fuzzy_stats = c["pii_counts"], c["fuzzy_stats"]
-    documents = ray.data.read_parquet(storage.join(out, "documents"))
+    documents = read_prepared(storage.join(out, "documents"))
 
     # 4. Tokenizer on a sample of the training split only (val/test stay unseen).
     train_docs = documents.filter(expr=col("split") == "train")

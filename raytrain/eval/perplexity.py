@@ -74,7 +74,6 @@ def default_model_dir(spec: JobSpec) -> str:
 
 def run_eval(spec: JobSpec, model_dir: str | None = None) -> dict[str, Any]:
     """Measure perplexity on the held-out split; write eval.json next to the model."""
-    import ray.data
 
     t0 = time.time()
     layout = storage.Layout(spec.storage.root)
@@ -82,7 +81,9 @@ def run_eval(spec: JobSpec, model_dir: str | None = None) -> dict[str, Any]:
     if not storage.exists(storage.join(model_dir, "config.json")):
         raise StageInputError(f"no exported model at {model_dir}: run the pretrain stage first")
     split_dir = storage.join(layout.dataset(spec.data.name), spec.eval.split)
-    ds = ray.data.read_parquet(split_dir).select_columns(["input_ids", "num_tokens"])
+    from raytrain.data.readers import read_prepared
+
+    ds = read_prepared(split_dir, columns=["input_ids", "num_tokens"])
     if spec.eval.max_sequences:
         ds = ds.limit(spec.eval.max_sequences)
     use_gpu = spec.train.use_gpu if spec.eval.use_gpu is None else spec.eval.use_gpu

@@ -138,7 +138,6 @@ def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -
 
     `fault_injection` is for tests only (e.g. {"crash_in_save_at_step": 20}).
     """
-    import ray.data
 
     t0 = time.time()
     layout = storage.Layout(spec.storage.root)
@@ -152,8 +151,9 @@ def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -
                               f"micro_batch_size x grad_accum_steps = {need}")
 
     t = spec.train
-    train_ds = (ray.data.read_parquet(train_path).select_columns(["input_ids", "num_tokens"])
-                .randomize_block_order(seed=t.seed))
+    from raytrain.data.readers import read_prepared
+
+    train_ds = read_prepared(train_path, columns=["input_ids", "num_tokens"]).randomize_block_order(seed=t.seed)
     log.info("pretraining %s (%s preset) on %d workers, ZeRO-%d, %d steps", spec.model.name, spec.model.preset,
              t.num_workers, t.zero_stage, t.max_steps)
     result = fit(t, spec.run_name, spec.storage.root, train_ds, {
