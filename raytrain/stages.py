@@ -105,6 +105,7 @@ def _pipeline(spec: JobSpec, started_local: bool) -> dict[str, Any]:
         t0 = time.time()
         summary["alignment"] = {**_alignment(spec), "seconds": round(time.time() - t0, 1)}
         _print_alignment(summary["alignment"])
+        _record_alignment(spec, summary["alignment"])
     url = deploy(spec)
     reply = complete(url, spec.served_model_name, spec.serve.demo_prompt, spec.serve.demo_max_tokens, api_key=api_key)
     text = reply["choices"][0]["text"]
@@ -119,6 +120,16 @@ def _pipeline(spec: JobSpec, started_local: bool) -> dict[str, Any]:
         serve.shutdown()
         print("(the local Ray instance stops with this process; `raytrain serve --config …` keeps a model up)")
     return summary
+
+
+def _record_alignment(spec: JobSpec, figures: dict[str, Any]) -> None:
+    """Keep the side-by-side figures with the DPO model's evaluation (its eval.json)."""
+    from raytrain import storage
+    from raytrain.posttrain.stage import model_dir_of
+
+    path = storage.join(model_dir_of(spec, "dpo"), "eval.json")
+    doc = storage.read_json(path) if storage.exists(path) else {}
+    storage.write_json(path, {**doc, "alignment": {**figures, "reference": "sft"}})
 
 
 def _print_alignment(a: dict[str, Any]) -> None:

@@ -142,8 +142,7 @@ def _split_path(spec: JobSpec, stage: str, split: str) -> str:
 def reference_logps(spec: JobSpec, stage: str, parent: str, manifest: dict[str, Any],
                     splits: tuple[str, ...] = ("train", "val")) -> dict[str, str]:
     """Pairs of `splits` with the reference's log-probabilities added (cached per run and inputs)."""
-    import ray.data
-
+    from raytrain.data.readers import read_prepared
     from raytrain.posttrain.scoring import PairLogps, map_with
 
     section = stage_spec(spec, stage)
@@ -153,37 +152,46 @@ def reference_logps(spec: JobSpec, stage: str, parent: str, manifest: dict[str, 
     key = hashlib.sha256(f"{manifest['key']}|{model_identity(parent)}|{t.precision}|{','.join(splits)}".encode()
                          ).hexdigest()
     marker = storage.join(ref_dir, "reference.json")
-    out = {split: storage.join(ref_dir, split) for split in splits}
+    out = {split: storage.join(ref_dir, f"split={split}") for split in splits}
     if storage.exists(marker) and storage.read_json(marker).get("key") == key:
         return out
     if storage.exists(marker):
         storage.remove_file(marker)  # inputs changed: the old pass no longer counts, even if this one crashes
     t0 = time.time()
-    for split, dest in out.items():
+    for dest in out.values():
         if storage.exists(dest):
             storage.remove_tree(dest)
-        if not manifest["splits"].get(split, {}).get("rows"):
-            continue
-        ds = ray.data.read_parquet(_split_path(spec, stage, split))
+    # Every split in one execution (one pool of model-loading actors), written back partitioned by split.
+    parts = [read_prepared(_split_path(spec, stage, split)).map_batches(_with_split, fn_args=(split,),
+                                                                        batch_format="pyarrow")
+             for split in splits if manifest["splits"].get(split, {}).get("rows")]
+    if parts:
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         map_with(ds, PairLogps, {"model_dir": parent, "prefix": "ref", "precision": t.precision}, t.use_gpu,
-                 replicas=max(1, t.num_workers)).write_parquet(dest)
+                 replicas=max(1, t.num_workers)).write_parquet(ref_dir, partition_cols=["split"])
     storage.write_json(marker, {"key": key, "parent": parent, "seconds": round(time.time() - t0, 1)})
     log.info("reference log-probs of %s computed in %.1fs", parent, time.time() - t0)
     return out
 
 
+def _with_split(batch: Any, split: str) -> Any:
+    import pyarrow as pa
+
+    return batch.append_column("split", pa.array([split] * batch.num_rows, pa.string()))
+
+
 def heldout(spec: JobSpec, stage: str, model_dir: str, val_path: str | None) -> dict[str, Any]:
     """Held-out figures of the trained model on the validation split."""
     import numpy as np
-    import ray.data
 
+    from raytrain.data.readers import read_prepared
     from raytrain.posttrain.scoring import PairLogps, PairRewards, ResponseNLL, map_with
 
     if not val_path or not storage.exists(val_path):
         return {}
     t = stage_spec(spec, stage).train
     replicas = max(1, t.num_workers)
-    ds = ray.data.read_parquet(val_path)
+    ds = read_prepared(val_path)
     if stage == "reward":
         rows = map_with(ds, PairRewards, {"model_dir": model_dir}, t.use_gpu, replicas).to_pandas()
         margin = rows["reward_chosen"].to_numpy() - rows["reward_rejected"].to_numpy()
@@ -206,7 +214,6 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
 
     `fault_injection` is for tests only (e.g. {"crash_in_save_at_step": 20}).
     """
-    import ray.data
     from transformers import AutoConfig
 
     from raytrain.train.trainer import export_model, fit
@@ -236,7 +243,9 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
     with storage.local_dir(parent) as pdir:
         model_config = AutoConfig.from_pretrained(str(pdir)).to_dict()
     columns = list(build_posttrain_task({"train": t.model_dump(mode="json"), "init_from": parent}).columns)
-    train_ds = ray.data.read_parquet(train_path).select_columns(columns).randomize_block_order(seed=t.seed)
+    from raytrain.data.readers import read_prepared
+
+    train_ds = read_prepared(train_path, columns=columns).randomize_block_order(seed=t.seed)
     run_name = spec.stage_run_name(stage)
     log.info("%s: %s on %d workers, ZeRO-%d, %d steps, from %s", stage, run_name, t.num_workers, t.zero_stage,
              t.max_steps, parent)
