@@ -55,6 +55,18 @@ test: install tools
 bench-data: install .venv-datatrove/.installed
 	$(BIN)/raytrain bench data --num-docs 100000
 
+# TRL, the peer the post-training benchmark compares with, in its own venv (trl 1.16.0 on the same CPU torch and
+# transformers as raytrain's venv).
+.venv-trl/.installed:
+	$(PYTHON) -m venv .venv-trl
+	.venv-trl/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	.venv-trl/bin/pip install -q "trl==1.16.0" "transformers==5.23.0"
+	touch $@
+
+.PHONY: bench-posttrain
+bench-posttrain: install .venv-trl/.installed
+	$(BIN)/raytrain bench posttrain --presets tiny,small --tasks sft,dpo --rounds 3
+
 # k8s/base/ is the Helm chart rendered with k8s/values-base.yaml: regenerate it after changing either
 # (tests/test_k8s.py fails while it differs).
 k8s-manifests: $(TOOLS)/helm
