@@ -152,7 +152,7 @@ STAGE_TABLE: dict[str, Stage] = {s.name: s for s in (
     Stage("sft", _posttrain("sft"), "sft", "Supervised fine-tuning of a parent model on demonstrations."),
     Stage("reward", _posttrain("reward"), "reward", "Train a reward model on preference pairs (Bradley-Terry)."),
     Stage("dpo", _posttrain("dpo"), "dpo", "Align a parent model on preference pairs with DPO or IPO."),
-    Stage("eval", _eval, "eval", "Measure perplexity of the exported model on the held-out split."),
+    Stage("eval", _eval, "eval", "Measure perplexity of the pretrained model on the corpus's held-out split."),
     Stage("serve", _serve, "serve", "Serve the exported model behind OpenAI-compatible HTTP endpoints.",
           batch=False),
     Stage("pipeline", _pipeline, "*", "Run data -> pretrain -> sft -> reward -> dpo (those the spec has) -> eval -> "

@@ -66,10 +66,9 @@ def perplexity(ds: Any, model_dir: str, batch_size: int, untrained: bool = False
 
 
 def default_model_dir(spec: JobSpec) -> str:
-    """The model the spec serves (the aligned one when it post-trains)."""
-    from raytrain.deploy import served_model_dir
-
-    return served_model_dir(spec)
+    """The pretrained model: perplexity on the corpus's held-out split is a pretraining measure (a chat-tuned
+    model's web perplexity says how much of the corpus it forgot; point serve.model_path at it to measure that)."""
+    return storage.Layout(spec.storage.root).model(spec.model.name, spec.run_name)
 
 
 def run_eval(spec: JobSpec, model_dir: str | None = None) -> dict[str, Any]:
@@ -77,7 +76,7 @@ def run_eval(spec: JobSpec, model_dir: str | None = None) -> dict[str, Any]:
 
     t0 = time.time()
     layout = storage.Layout(spec.storage.root)
-    model_dir = model_dir or default_model_dir(spec)
+    model_dir = model_dir or spec.serve.model_path or default_model_dir(spec)
     if not storage.exists(storage.join(model_dir, "config.json")):
         raise StageInputError(f"no exported model at {model_dir}: run the pretrain stage first")
     split_dir = storage.join(layout.dataset(spec.data.name), spec.eval.split)
