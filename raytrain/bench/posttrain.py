@@ -181,13 +181,12 @@ def prepare_data(inputs: dict[str, Any], task: str, root: Path) -> tuple[str, di
 
 def precompute_reference(inputs: dict[str, Any], train_dir: str, root: Path, workers: int) -> tuple[str, float]:
     """The reference log-probs of every pair, as the DPO stage computes them (`reference: precomputed`)."""
-    import ray.data
-
+    from raytrain.data.readers import read_prepared
     from raytrain.posttrain.scoring import PairLogps, map_with
 
     dest = root / "reference" / f"{Path(inputs['model_dir']).name}-{time.time_ns()}"
     t0 = time.perf_counter()
-    map_with(ray.data.read_parquet(train_dir), PairLogps, {"model_dir": inputs["model_dir"], "prefix": "ref"},
+    map_with(read_prepared(train_dir), PairLogps, {"model_dir": inputs["model_dir"], "prefix": "ref"},
              False, replicas=workers).write_parquet(str(dest))
     return str(dest), time.perf_counter() - t0
 
@@ -227,14 +226,13 @@ def run_raytrain(inputs: dict[str, Any], task: str, reference: str, steps: int, 
     run_name = f"bench-{task}-{reference}-{time.time_ns()}"
     t_train = time.perf_counter()
     if launcher == "ray":
-        import ray.data
-
+        from raytrain.data.readers import read_prepared
         from raytrain.posttrain.tasks import build_posttrain_task
         from raytrain.train.trainer import fit
 
         columns = list(build_posttrain_task({"train": t.model_dump(mode="json"),
                                              "init_from": inputs["model_dir"]}).columns)
-        ds = ray.data.read_parquet(train_dir).select_columns(columns)
+        ds = read_prepared(train_dir, columns=columns)
         result = fit(t, run_name, str(root), ds, loop_config)
         # Ray Train keeps every report in `metrics_dataframe` where it has one; otherwise only the last interval
         # (the last `warmup` steps) is measured: run with --steps 2 x --warmup to make that every steady step.
