@@ -148,7 +148,7 @@ def test_task_trains_resumes_exactly_and_exports(inputs: dict[str, Path], tmp_pa
     ckpt = tmp_path / "a" / f"checkpoint_{STEPS:07d}"
     cls = AutoModelForSequenceClassification if name == "reward" else AutoModelForCausalLM
     exported = cls.from_pretrained(str(ckpt / "hf")).eval()
-    trained = training_time_model(task, inputs["parent"], ckpt)
+    trained = training_time_model(cfg["train"]["task"], inputs["parent"], ckpt)
     ids = torch.tensor([[5, 17, 33, 64, 90, 12, 0, PAD_ID], [7, 8, 9, 10, 11, 12, 13, 0]])
     attn = (ids != PAD_ID).long()
     with torch.no_grad():
