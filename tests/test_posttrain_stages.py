@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from raytrain.config import load_spec
+from train_fixtures import samples_by_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -114,14 +115,6 @@ def test_reward_stage_trains_a_sequence_classifier(root: Path, sft: dict) -> Non
     assert lineage["parent"]["path"] == sft["model_dir"] and lineage["parent"]["task"] == "sft"
     assert result["data"]["read"] == len(next((root / "raw").glob("alignment-demo-*/prefs.jsonl"))
                                          .read_text().splitlines())
-
-
-def samples_by_step(root: Path, run: str) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
-    for f in sorted((root / "runs" / run / "samples").glob("step-*.json")):
-        rec = json.loads(f.read_text())
-        out.setdefault(rec["step"], []).extend(rec["samples"])
-    return out
 
 
 def test_dpo_worker_killed_mid_run_finishes_with_no_step_lost_or_repeated(root: Path, sft: dict) -> None:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from raytrain.config import load_spec
-from train_fixtures import build_packed_dataset
+from train_fixtures import build_packed_dataset, samples_by_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -34,15 +34,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def spec_for(root: Path, run: str, *extra: str):
     return load_spec("tiny", [f"storage.root={root}", f"train.run_name={run}", *BASE, *extra])
-
-
-def samples_by_step(root: Path, run: str) -> dict[int, list[str]]:
-    """Fingerprints trained at each step, both ranks together (rank 0 first)."""
-    out: dict[int, list[str]] = {}
-    for f in sorted((root / "runs" / run / "samples").glob("step-*.json")):
-        rec = json.loads(f.read_text())
-        out.setdefault(rec["step"], []).extend(rec["samples"])
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -47,3 +47,12 @@ def build_packed_dataset(root: Path, name: str = "tiny", seq_len: int = 64, file
                 "splits": {"train": {"sequences": n, "tokens": int(packed["num_tokens"].sum())}}}
     (root / "datasets" / name / "manifest.json").write_text(json.dumps(manifest))
     return manifest
+
+
+def samples_by_step(root: Path, run: str) -> dict[int, list[str]]:
+    """Fingerprints trained at each step of a run with `train.sample_log`, both ranks together (rank 0 first)."""
+    out: dict[int, list[str]] = {}
+    for f in sorted((root / "runs" / run / "samples").glob("step-*.json")):
+        rec = json.loads(f.read_text())
+        out.setdefault(rec["step"], []).extend(rec["samples"])
+    return out

@@ -18,15 +18,24 @@ def _torch_batch(batch: dict[str, np.ndarray], columns: tuple[str, ...]) -> dict
     return {c: torch.as_tensor(np.stack(batch[c]) if batch[c].dtype == object else batch[c]).long() for c in columns}
 
 
-class PairLogps:
-    """Adds `<prefix>_chosen_logp` and `<prefix>_rejected_logp`: summed log-probs of each response's tokens."""
+class _Scorer:
+    """A model on this actor's device, with one intra-op thread per scheduled CPU."""
 
-    def __init__(self, model_dir: str, prefix: str = "ref", use_gpu: bool = False, precision: str = "fp32") -> None:
+    def __init__(self, use_gpu: bool) -> None:
         import torch
 
         self.device = "cuda" if use_gpu else "cpu"
         if not use_gpu:
             torch.set_num_threads(1)  # one CPU per actor, as scheduled
+
+
+class PairLogps(_Scorer):
+    """Adds `<prefix>_chosen_logp` and `<prefix>_rejected_logp`: summed log-probs of each response's tokens."""
+
+    def __init__(self, model_dir: str, prefix: str = "ref", use_gpu: bool = False, precision: str = "fp32") -> None:
+        import torch
+
+        super().__init__(use_gpu)
         # The policy's precision: at step 0 the policy/reference log-ratios are then zero, not rounding noise.
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.model = load_causal_lm(model_dir, seed=0).to(self.device, dtype=dtype).eval()
@@ -46,15 +55,11 @@ class PairLogps:
         return {**batch, f"{self.prefix}_chosen_logp": chosen, f"{self.prefix}_rejected_logp": rejected}
 
 
-class PairRewards:
+class PairRewards(_Scorer):
     """Adds `reward_chosen` and `reward_rejected` from a one-output sequence classifier."""
 
     def __init__(self, model_dir: str, use_gpu: bool = False) -> None:
-        import torch
-
-        self.device = "cuda" if use_gpu else "cpu"
-        if not use_gpu:
-            torch.set_num_threads(1)  # one CPU per actor, as scheduled
+        super().__init__(use_gpu)
         self.model = load_reward_model(model_dir, seed=0).to(self.device).eval()
         self.pad_id = int(self.model.config.pad_token_id)
 
@@ -70,15 +75,11 @@ class PairRewards:
         return {"reward_chosen": chosen, "reward_rejected": rejected}
 
 
-class ResponseNLL:
+class ResponseNLL(_Scorer):
     """Adds `nll` (summed negative log-likelihood of the response tokens) and `targets` (their number)."""
 
     def __init__(self, model_dir: str, use_gpu: bool = False) -> None:
-        import torch
-
-        self.device = "cuda" if use_gpu else "cpu"
-        if not use_gpu:
-            torch.set_num_threads(1)  # one CPU per actor, as scheduled
+        super().__init__(use_gpu)
         self.model = load_causal_lm(model_dir, seed=0).to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -103,10 +103,9 @@ def pair_batch(batch: dict[str, torch.Tensor], pad_id: int) -> tuple[torch.Tenso
     return ids, attn, loss_mask
 
 
-class SFTTask:
-    """Cross-entropy on the response tokens of demonstrations; weight = response tokens."""
+class _PostTrainTask:
+    """What the three tasks share: where they start from, their seeds, data order and defaults."""
 
-    columns = SFT_COLUMNS
     extremes: tuple[str, ...] = ()
 
     def __init__(self, task: dict[str, Any], parent: str, seed: int, shuffle_buffer: int,
@@ -114,13 +113,20 @@ class SFTTask:
         self.task, self.parent, self.seed = task, parent, seed
         self.shuffle_buffer = shuffle_buffer
         self.activation_checkpointing = activation_checkpointing
+        self.pad_id = 0
+
+    def setup(self, engine: Any) -> None:
+        pass
+
+
+class SFTTask(_PostTrainTask):
+    """Cross-entropy on the response tokens of demonstrations; weight = response tokens."""
+
+    columns = SFT_COLUMNS
 
     def build_model(self) -> torch.nn.Module:
         model = load_causal_lm(self.parent, self.seed)
         return with_lora(model, self.task.get("lora"), self.seed, self.activation_checkpointing)
-
-    def setup(self, engine: Any) -> None:
-        pass
 
     def batches(self, shard: Any, micro_batch_size: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         import torch
@@ -145,25 +151,16 @@ class SFTTask:
         return -logp_sum.sum(), {}
 
 
-class RewardTask:
+class RewardTask(_PostTrainTask):
     """Bradley-Terry on (chosen, rejected): loss = -log sigmoid(r_c - r_r - margin); weight = pairs."""
 
     columns = PAIR_COLUMNS
     extremes = ("reward",)
 
-    def __init__(self, task: dict[str, Any], parent: str, seed: int, shuffle_buffer: int,
-                 activation_checkpointing: bool = False) -> None:
-        self.task, self.parent, self.seed = task, parent, seed
-        self.shuffle_buffer = shuffle_buffer
-        self.pad_id = 0
-
     def build_model(self) -> torch.nn.Module:
         model = load_reward_model(self.parent, self.seed)
         self.pad_id = int(model.config.pad_token_id)
         return model
-
-    def setup(self, engine: Any) -> None:
-        pass
 
     def batches(self, shard: Any, micro_batch_size: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         for b in _iter(shard, self.columns, micro_batch_size, self.seed, epoch, self.shuffle_buffer):
@@ -203,20 +200,15 @@ def load_reward_model(parent: str, seed: int) -> torch.nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(str(d), config=cfg, dtype=torch.float32)
 
 
-class DPOTask:
+class DPOTask(_PostTrainTask):
     """DPO's sigmoid loss or IPO against a reference: precomputed log-probs in the batch, or a frozen model."""
-
-    extremes: tuple[str, ...] = ()
 
     def __init__(self, task: dict[str, Any], parent: str, seed: int, shuffle_buffer: int,
                  activation_checkpointing: bool = False) -> None:
-        self.task, self.parent, self.seed = task, parent, seed
-        self.shuffle_buffer = shuffle_buffer
-        self.activation_checkpointing = activation_checkpointing
+        super().__init__(task, parent, seed, shuffle_buffer, activation_checkpointing)
         self.precomputed = task.get("reference", "precomputed") == "precomputed"
         self.columns = PAIR_COLUMNS + (REF_COLUMNS if self.precomputed else ())
         self.reference: Any = None
-        self.pad_id = 0
 
     def build_model(self) -> torch.nn.Module:
         model = load_causal_lm(self.parent, self.seed)
