@@ -62,6 +62,15 @@ def _register_ops() -> None:
 
 _register_ops()
 
+
+def _register_models() -> None:
+    from raytrain.registry_cli import app as models_app
+
+    app.add_typer(models_app, name="models", help="The model registry: list, show, alias, promote, rollback.")
+
+
+_register_models()
+
 bench_app = typer.Typer(help="Benchmarks that compare side by side in one run and report ratios (JSON).")
 app.add_typer(bench_app, name="bench")
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

@@ -17,21 +17,30 @@ log = logging.getLogger(__name__)
 
 
 def served_model_dir(spec: JobSpec) -> str:
-    """serve.model_path, else the last model this spec trains: DPO's, else SFT's, else the pretrained one."""
-    if spec.serve.model_path:
-        return spec.serve.model_path
-    from raytrain.posttrain.stage import model_dir_of
+    """serve.model_path, else the version serve.alias names, else the last model this spec trains."""
+    return served_entry(spec)["path"]
 
-    last = next((s for s in ("dpo", "sft") if getattr(spec, s) is not None), "pretrain")
-    return model_dir_of(spec, last)
+
+def served_entry(spec: JobSpec) -> dict[str, Any]:
+    """The serving config's model entry: {name, path} (+ version, alias when it comes from the registry)."""
+    from raytrain import registry
+
+    name = spec.served_model_name
+    if spec.serve.model_path:
+        return {"name": name, "path": spec.serve.model_path}
+    if spec.serve.alias:
+        model = spec.serve.registry_model or registry.candidate_model_name(spec)
+        return registry.served_entry(spec.storage.root, model, spec.serve.alias, name)
+    path = registry.candidate_dir(spec)
+    found = registry.version_of_dir(path)
+    return {"name": name, "path": path, **({"version": str(found[1])} if found else {})}
 
 
 def app_args(spec: JobSpec) -> dict[str, Any]:
     """The `serving.app:build_app` args this spec describes (also what a RayService serve config holds)."""
     s = spec.serve
-    model_path = served_model_dir(spec)
     return {
-        "models": [{"name": spec.served_model_name, "path": model_path}],
+        "models": [served_entry(spec)],
         "max_tokens_limit": s.max_tokens_limit,
         "min_replicas": s.min_replicas,
         "max_replicas": s.max_replicas,

@@ -112,6 +112,8 @@ def annotate_batch(batch: pa.Table, spec_json: dict[str, Any], kind: str,
         paths = batch.column("path").to_pylist() if "path" in batch.column_names else ["?"] * batch.num_rows
         records = batch.drop_columns([c for c in ("path",) if c in batch.column_names]).to_pylist()
         items = ((b"", p, -1, "", rec, "") for rec, p in zip(records, paths, strict=True))
+    annotated: list[docs.Annotated] = []
+    raws: list[bytes] = []
     for raw, source, line, reason, record, error in items:
         if record is not None and not raw:
             raw = repr(record).encode("utf-8", errors="replace")
@@ -125,13 +127,17 @@ def annotate_batch(batch: pa.Table, spec_json: dict[str, Any], kind: str,
                     record, error, raw=raw, source=source, line=line,
                     text_field=fields[0], id_field=fields[1], url_field=fields[2],
                     filters=spec.filters, extract=spec.extract_html,
-                    quarantine_sample_bytes=spec.quarantine_sample_bytes, curator=curator,
+                    quarantine_sample_bytes=spec.quarantine_sample_bytes, curator=curator, defer_toxicity=True,
                 )
             except Exception as exc:  # a bug on one row quarantines that row; the stage goes on
                 log.warning("quarantined %s:%s: annotate raised %r", source, line, exc)
                 a = docs.Annotated(f"{source}:{line}", "", "", docs.QUARANTINED,
                                    f"annotate_error:{type(exc).__name__}", source, line, "",
                                    raw[:spec.quarantine_sample_bytes])
+        annotated.append(a)
+        raws.append(raw)
+    # A toxicity classifier call costs ~8 ms however few texts it gets: one call for the batch's kept rows.
+    for a in docs.screen_toxicity(annotated, raws, curator, spec.quarantine_sample_bytes):
         for c in docs.COLUMNS:
             out[c].append(getattr(a, c))
         for k, v in zip(PII_KINDS, a.pii, strict=True):
@@ -379,7 +385,8 @@ def split_sums(batch: pa.Table) -> pa.Table:
 
 
 STAGE_ORDER = ("warc_record", "url_blocklist", "html_no_content", "empty_text", "language", "gopher_repetition",
-               "gopher_quality", "c4", "fineweb", "bad_words", "decontaminated", "exact_duplicate", "fuzzy_duplicate")
+               "gopher_quality", "c4", "fineweb", "bad_words", "decontaminated", "toxicity", "exact_duplicate",
+               "fuzzy_duplicate")
 
 
 def removed_by_stage(removed: dict[str, int]) -> dict[str, int]:
@@ -515,19 +522,39 @@ def _column_sums(batch: pa.Table) -> pa.Table:
     return pa.table({c: [int(pc.sum(batch.column(c)).as_py() or 0)] for c in batch.column_names})
 
 
-def curate(spec: JobSpec) -> dict[str, Any]:
+def dataset_version(spec: JobSpec) -> tuple[str, list[str]]:
+    """(version, input paths) of the dataset this spec's data stage makes: a hash of the data spec and of each input
+    file's path, size and modification time, so another corpus under the same name is another version."""
+    import pyarrow.fs as pafs
+
+    from raytrain.registry import dataset_key
+
+    d = spec.data
+    paths = _input_paths(spec, storage.Layout(spec.storage.root))
+    by_kind, _ = expand_inputs(paths, d.source.format if d.source.kind == "files" else "auto")
+    files = []
+    for f in sorted(f for fs in by_kind.values() for f in fs):
+        fs, p = storage.filesystem(f)
+        info = fs.get_file_info(p)
+        files.append([f, info.size, info.mtime_ns if info.type == pafs.FileType.File else None])
+    return dataset_key({"data": d.model_dump(mode="json", exclude={"version"}), "inputs": files,
+                        "manifest_version": 1}), paths
+
+
+def curate(spec: JobSpec, out: str | None = None) -> dict[str, Any]:
     """Passes 1-3 of the data stage: annotate, dedup + split, accounting. Writes documents/, removed/,
-    quarantine/ under datasets/<name>/ and returns the counts (the benchmark times this part alone)."""
+    quarantine/ under `out` (default: this spec's dataset version) and returns the counts (the benchmark times this
+    part alone)."""
     import ray.data
 
     t0 = time.time()
     d = spec.data
     layout = storage.Layout(spec.storage.root)
-    out = layout.dataset(d.name)
+    version, paths = dataset_version(spec)
+    out = out or storage.join(layout.dataset(d.name), version)
     stage = storage.join(out, "_stage")
     for sub in (*SPLITS, "removed", "quarantine", "documents", "_stage"):
         storage.remove_tree(storage.join(out, sub))
-    paths = _input_paths(spec, layout)
     by_kind, skipped = expand_inputs(paths, d.source.format if d.source.kind == "files" else "auto")
     log.info("data stage: reading %s (%s)", paths, {k: len(v) for k, v in by_kind.items()})
     if skipped:
@@ -612,10 +639,18 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
     from ray.data.expressions import col
 
     from raytrain.data.tokenizer import TokenizePack, train_tokenizer
+    from raytrain.registry import set_dataset_latest
 
-    c = curate(spec)
     d = spec.data
-    t0, out, stage, layout, paths = c["t0"], c["out"], c["stage"], c["layout"], c["paths"]
+    version, _ = dataset_version(spec)
+    version_dir = storage.join(storage.Layout(spec.storage.root).dataset(d.name), version)
+    if storage.exists(storage.join(version_dir, "manifest.json")):
+        # Same spec, same input files: this version is finished and immutable (models may name it).
+        log.info("dataset %s version %s is up to date at %s: not recomputed", d.name, version, version_dir)
+        set_dataset_latest(spec.storage.root, d.name, version)
+        return storage.read_json(storage.join(version_dir, "manifest.json"))
+    c = curate(spec, version_dir)
+    t0, out, stage, paths = c["t0"], c["out"], c["stage"], c["paths"]
     by_kind, skipped, counts, samples = c["by_kind"], c["skipped"], c["counts"], c["samples"]
     n_kept, n_removed, n_quarantined, n_read = c["n_kept"], c["n_removed"], c["n_quarantined"], c["n_read"]
     pii_counts, fuzzy_stats = c["pii_counts"], c["fuzzy_stats"]
@@ -626,7 +661,7 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
     sample = tokenizer_sample(train_docs, d.tokenizer.sample_docs)
     if not sample:
         raise StageInputError(f"data stage kept no training documents (read {n_read}); see {out}/report.json")
-    tok_dir = layout.tokenizer(d.name)
+    tok_dir = storage.join(out, "tokenizer")  # with the version: a newer corpus never replaces an older tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         train_tokenizer(sample, d.tokenizer.vocab_size, d.tokenizer.min_frequency, tmp)
         tok_bytes = (Path(tmp) / "tokenizer.json").read_bytes()
@@ -679,6 +714,8 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
     manifest = {
         "manifest_version": 1,
         "dataset": d.name,
+        "version": version,
+        "path": out,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": paths,
         "seq_len": d.seq_len,
@@ -692,7 +729,8 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
         "spec_sha256": hashlib.sha256(dump_spec(spec).encode()).hexdigest(),
         "data_spec": d.model_dump(mode="json"),
     }
-    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    storage.write_json(storage.join(out, "manifest.json"), manifest)  # last: a version with a manifest is finished
+    set_dataset_latest(spec.storage.root, d.name, version)
     log.info("data stage done in %.0fs: read %d, kept %d, removed %d, quarantined %d; train tokens %d",
              time.time() - t0, n_read, n_kept, n_removed, n_quarantined, splits["train"]["tokens"])
     return manifest

@@ -87,21 +87,44 @@ def jobs(namespace: Namespace = "default", context: Context = None) -> None:
 
 def _report(service: dict[str, Any] | None, name: str, app: str | None) -> None:
     models = manifests.served_models(service, app) if service else []
-    typer.echo(f"rayservice/{name} now serves: " + ", ".join(f"{m['name']}={m['path']}" for m in models))
+    typer.echo(f"rayservice/{name} now serves: " + ", ".join(
+        f"{m['name']}={m['path']}" + (f" (version {m['version']}" + (f", {m['alias']})" if m.get("alias") else ")")
+                                      if m.get("version") else "") for m in models))
 
 
 @ops_app.command()
 def rollout(
     model: Annotated[str, typer.Option("--model", help="Model id clients pass as `model`.")],
-    path: Annotated[str, typer.Option("--path", help="Model directory: path in the pods or s3:// URI.")],
+    path: Annotated[str | None, typer.Option("--path", help="Model directory: path in the pods or s3:// URI.")] = None,
+    alias: Annotated[str | None, typer.Option(
+        "--alias", help="Serve the registry version this alias names now (instead of --path).")] = None,
+    registry_root: Annotated[str | None, typer.Option(
+        "--registry-root", help="Storage root of the registry (s3://… as the pods see it), with --alias.")] = None,
+    registry_model: Annotated[str | None, typer.Option(
+        "--registry-model", help="Registry model name, with --alias (default: --model).")] = None,
     service: Service = "raytrain-llm",
     app: AppName = None,
     namespace: Namespace = "default",
     context: Context = None,
 ) -> None:
-    """Point a served model at a new version (patches the RayService's serveConfigV2)."""
+    """Point a served model at a new version (patches the RayService's serveConfigV2): a path, or an alias."""
     try:
-        updated = make_ops(namespace, context).rollout(service, model, path, app)
+        registry = None
+        if (path is None) == (alias is None):
+            raise manifests.OpsError("give exactly one of --path and --alias")
+        if alias is not None:
+            if registry_root is None:
+                raise manifests.OpsError("--alias needs --registry-root (the storage root holding models/)")
+            from raytrain.errors import StageInputError
+            from raytrain.registry import served_entry
+
+            try:
+                registry = served_entry(registry_root, registry_model or model, alias, model)
+            except StageInputError as e:
+                raise manifests.OpsError(str(e)) from None
+            path = registry["path"]
+        assert path is not None
+        updated = make_ops(namespace, context).rollout(service, model, path, app, registry)
     except manifests.OpsError as e:
         _fail(e)
     except Exception as e:

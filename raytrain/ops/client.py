@@ -44,8 +44,9 @@ class RayOps:
     def service(self, name: str) -> dict[str, Any]:
         return self.api.get_namespaced_custom_object(name=name, **self._args("rayservices"))
 
-    def rollout(self, name: str, model: str, path: str, app_name: str | None = None) -> dict[str, Any]:
-        patch = manifests.rollout_patch(self.service(name), model, path, app_name)
+    def rollout(self, name: str, model: str, path: str, app_name: str | None = None,
+                registry: dict[str, str] | None = None) -> dict[str, Any]:
+        patch = manifests.rollout_patch(self.service(name), model, path, app_name, registry)
         return self._patch_service(name, patch)
 
     def rollback(self, name: str, app_name: str | None = None) -> dict[str, Any]:

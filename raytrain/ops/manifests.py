@@ -119,10 +119,12 @@ def _serve_app(config: dict[str, Any], app_name: str | None) -> dict[str, Any]:
     return apps[0]
 
 
-def rollout_patch(service: dict[str, Any], model: str, path: str, app_name: str | None = None) -> dict[str, Any]:
+def rollout_patch(service: dict[str, Any], model: str, path: str, app_name: str | None = None,
+                  registry: dict[str, str] | None = None) -> dict[str, Any]:
     """Merge patch that points `model` at `path` in the RayService's serveConfigV2 (adding it if new).
 
-    The models list it replaces goes into an annotation, for `rollback_patch`.
+    `registry` ({"version", "alias"}) records which registry version the path is, so /v1/models reports it; a
+    plain path clears them. The models list it replaces goes into an annotation, for `rollback_patch`.
     """
     if not path:
         raise OpsError("model path must not be empty")
@@ -137,7 +139,12 @@ def rollout_patch(service: dict[str, Any], model: str, path: str, app_name: str 
             entry["path"] = path
             break
     else:
-        models.append({"name": model, "path": path})
+        entry = {"name": model, "path": path}
+        models.append(entry)
+    for key in ("version", "alias"):
+        entry.pop(key, None)
+        if registry and registry.get(key):
+            entry[key] = registry[key]
     return _patch(config, previous)
 
 

@@ -656,13 +656,15 @@ def _cached(manifest_path: str, key: str, out: str) -> dict[str, Any] | None:
 
 def prepare_posttrain_data(kind: Literal["sft", "preference"], spec: PostTrainDataSpec, tokenizer_dir: str,
                            out: str, *, input_paths: list[str] | None = None,
-                           quarantine_sample_bytes: int = 4096) -> dict[str, Any]:
+                           quarantine_sample_bytes: int = 4096, versioned: bool = False) -> dict[str, Any]:
     """Prepare SFT (`kind="sft"`) or preference (`kind="preference"`) data; returns the manifest.
 
     `tokenizer_dir`: a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json with a chat template);
     its files travel with the Ray tasks, so workers need no shared filesystem. `out`: datasets/<name>/ (local path or
     object-store URI). `input_paths`: files or directories to read (default `spec.paths`; the caller resolves the
     demo source). When `out/manifest.json` has this call's cache key, it is returned without recomputing.
+    `versioned`: `out` is the dataset's base directory and the data goes to `out/<first 12 digits of the key>/` (an
+    immutable version; `out/latest.json` names the newest), as the stages use it. The manifest's `path` says where.
     Raises `StageInputError` on no readable input or no kept row, `AccountingError` when a row is lost.
     """
     import ray
@@ -689,11 +691,16 @@ def prepare_posttrain_data(kind: Literal["sft", "preference"], spec: PostTrainDa
     inputs = _input_files(files)
     input_bytes = sum(size or 0 for _, size, _ in inputs)
     key = _cache_key(kind, spec, tok_sha, inputs, quarantine_sample_bytes)
+    base = out
+    if versioned:
+        out = storage.join(out, key[:12])
     manifest_path = storage.join(out, "manifest.json")
     cached = _cached(manifest_path, key, out)
     if cached is not None:
         log.info("post-training data %s is up to date (key %s): not recomputed", out, key[:12])
-        return cached
+        if versioned:
+            set_dataset_latest_dir(base, key[:12])
+        return {**cached, "path": out}
 
     # The manifest goes first: from here until it is written again, no manifest points at partial data.
     _remove_file(manifest_path)
@@ -773,17 +780,26 @@ def prepare_posttrain_data(kind: Literal["sft", "preference"], spec: PostTrainDa
         "max_prompt_length": spec.max_prompt_length,
         "tokenizer_sha256": tok_json_sha,
         "key": key,
+        "version": key[:12] if versioned else None,
+        "path": out,
         "sources": [{"path": f, "rows": read_by_source.get(_source_name(f), 0)} for f in files],
         "skipped_files": skipped,
         "columns": _columns(kind, spec.max_length),
         "data_spec": spec.model_dump(mode="json"),
     }
     storage.write_json(manifest_path, manifest)  # last: the commit point
+    if versioned:
+        set_dataset_latest_dir(base, key[:12])
     log.info("post-training %s data %s in %.1fs: read %d, kept %d (train %d, val %d), removed %d, quarantined %d",
              kind, spec.name, time.time() - t0, n_read, n_kept, splits["train"]["rows"], splits["val"]["rows"],
              n_removed, n_quarantined)
     return manifest
 
+
+
+def set_dataset_latest_dir(base: str, version: str) -> None:
+    storage.write_json(storage.join(base, "latest.json"),
+                       {"version": version, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 def _outcomes(outcome_dir: str) -> list[dict[str, Any]]:

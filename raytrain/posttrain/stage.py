@@ -43,11 +43,11 @@ def stage_spec(spec: JobSpec, stage: str) -> PostTrainStageSpec:
 
 
 def model_dir_of(spec: JobSpec, stage: str) -> str:
-    """Where a stage of this spec exports its model (pretrain: models/<model.name>/<run_name>)."""
-    layout = storage.Layout(spec.storage.root)
-    if stage == "pretrain":
-        return layout.model(spec.model.name, spec.run_name)
-    return layout.model(spec.stage_model_name(stage), spec.stage_run_name(stage))
+    """The registry version a stage of this spec exported (runs/<run>/export.json names it)."""
+    from raytrain.registry import run_model_dir
+
+    run = spec.run_name if stage == "pretrain" else spec.stage_run_name(stage)
+    return run_model_dir(spec.storage.root, run, stage)
 
 
 def resolve_parent(spec: JobSpec, stage: str) -> str:
@@ -55,6 +55,10 @@ def resolve_parent(spec: JobSpec, stage: str) -> str:
     section = stage_spec(spec, stage)
     if section.parent:
         parent = section.parent.removeprefix("file://") if section.parent.startswith("file://") else section.parent
+        if parent.startswith("models:/"):
+            from raytrain.registry import Registry
+
+            return Registry(spec.storage.root).resolve(parent)
         if storage.is_uri(parent) or os.path.isabs(os.path.expanduser(parent)):
             return os.path.expanduser(parent) if not storage.is_uri(parent) else parent
         return storage.join(storage.Layout(spec.storage.root).root, parent)  # relative: under the storage root
@@ -99,12 +103,10 @@ def check_run_inputs(spec: JobSpec, stage: str, parent: str, manifest: dict[str,
     storage.write_json(path, inputs)
 
 
-def _check_parent(path: str, stage: str) -> dict[str, Any]:
+def _check_parent(path: str, stage: str) -> None:
     if not storage.exists(storage.join(path, "config.json")):
         raise StageInputError(f"{stage}: the parent model {path} has no config.json; train it first (or set "
                               f"{stage}.parent to a Hugging Face model directory)")
-    lineage_path = storage.join(path, "lineage.json")
-    return storage.read_json(lineage_path) if storage.exists(lineage_path) else {}
 
 
 def input_paths(spec: JobSpec, stage: str) -> tuple[list[str], dict[str, Any] | None]:
@@ -132,11 +134,11 @@ def prepare(spec: JobSpec, stage: str, parent: str) -> dict[str, Any]:
     out = storage.Layout(spec.storage.root).dataset(section.data.name)
     with storage.local_dir(parent) as pdir:
         return prepare_posttrain_data(KIND[stage], section.data, str(pdir), out, input_paths=paths,
-                                      quarantine_sample_bytes=spec.data.quarantine_sample_bytes)
+                                      quarantine_sample_bytes=spec.data.quarantine_sample_bytes, versioned=True)
 
 
-def _split_path(spec: JobSpec, stage: str, split: str) -> str:
-    return storage.join(storage.Layout(spec.storage.root).dataset(stage_spec(spec, stage).data.name), split)
+def _split_path(manifest: dict[str, Any], split: str) -> str:
+    return storage.join(manifest["path"], split)
 
 
 def reference_logps(spec: JobSpec, stage: str, parent: str, manifest: dict[str, Any],
@@ -162,7 +164,7 @@ def reference_logps(spec: JobSpec, stage: str, parent: str, manifest: dict[str, 
         if storage.exists(dest):
             storage.remove_tree(dest)
     # Every split in one execution (one pool of model-loading actors), written back partitioned by split.
-    parts = [read_prepared(_split_path(spec, stage, split)).map_batches(_with_split, fn_args=(split,),
+    parts = [read_prepared(_split_path(manifest, split)).map_batches(_with_split, fn_args=(split,),
                                                                         batch_format="pyarrow")
              for split in splits if manifest["splits"].get(split, {}).get("rows")]
     if parts:
@@ -222,7 +224,7 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
     section = stage_spec(spec, stage)
     t = section.train
     parent = resolve_parent(spec, stage)
-    parent_lineage = _check_parent(parent, stage)
+    _check_parent(parent, stage)
     manifest = prepare(spec, stage, parent)
     n_train = manifest["splits"]["train"]["rows"]
     need = t.num_workers * t.micro_batch_size * t.grad_accum_steps
@@ -230,7 +232,7 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
         raise StageInputError(f"{stage}: the train split has {n_train} rows; one optimizer step needs num_workers "
                               f"x micro_batch_size x grad_accum_steps = {need}")
     check_run_inputs(spec, stage, parent, manifest)
-    train_path, val_path = _split_path(spec, stage, "train"), _split_path(spec, stage, "val")
+    train_path, val_path = _split_path(manifest, "train"), _split_path(manifest, "val")
     if stage == "dpo" and t.task.reference == "precomputed":
         ref = reference_logps(spec, stage, parent, manifest)
         train_path, val_path = ref["train"], ref["val"]
@@ -253,30 +255,26 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
         "model_config": model_config, "init_from": parent, "seq_len": section.data.max_length,
         **(fault_injection or {})})
 
-    model_dir = model_dir_of(spec, stage)
+    from raytrain.train.trainer import parent_ref
+
     lineage = {
-        "model": spec.stage_model_name(stage),
-        "version": run_name,
         "task": t.task.model_dump(mode="json"),
-        "parent": {"path": parent, "model": parent_lineage.get("model"), "version": parent_lineage.get("version"),
-                   "task": _task_type(parent_lineage)},
-        "dataset": {"name": section.data.name, "key": manifest["key"], "counts": manifest["counts"],
-                    "splits": manifest["splits"], "sources": manifest.get("sources")},
+        "parent": parent_ref(parent),
+        "dataset": {"name": section.data.name, "version": manifest.get("version"), "path": manifest["path"],
+                    "key": manifest["key"], "counts": manifest["counts"], "splits": manifest["splits"],
+                    "sources": manifest.get("sources")},
         "tokenizer_sha256": manifest.get("tokenizer_sha256"),
     }
-    export_model(result, model_dir, [parent], lineage, spec)
+    model_dir = export_model(result, spec.stage_model_name(stage), [parent], lineage, spec, run_name)
     figures = heldout(spec, stage, model_dir, val_path)
-    storage.write_json(storage.join(model_dir, "eval.json"), {"stage": stage, "heldout": figures})  # fresh export
+    eval_path = storage.join(model_dir, "eval.json")
+    earlier = storage.read_json(eval_path) if storage.exists(eval_path) else {}  # a re-run keeps later suites' results
+    storage.write_json(eval_path, {**earlier, "stage": stage, "heldout": figures})
     log.info("%s: exported %s in %.0fs (final loss %.4f; held-out %s)", stage, model_dir, time.time() - t0,
              result.metrics.get("loss", -1), figures)
     return {"model_dir": model_dir, "parent": parent, "data": manifest["counts"],
             "metrics": {k: v for k, v in result.metrics.items() if not isinstance(v, dict)},
             "heldout": figures}
-
-
-def _task_type(lineage: dict[str, Any]) -> str | None:
-    task = lineage.get("task")
-    return task.get("type") if isinstance(task, dict) else task
 
 
 def reference_logps_val(spec: JobSpec, stage: str, parent: str, manifest: dict[str, Any]) -> str | None:

@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def load_manifest(spec: JobSpec) -> dict[str, Any]:
-    path = storage.join(storage.Layout(spec.storage.root).dataset(spec.data.name), "manifest.json")
-    if not storage.exists(path):
-        raise StageInputError(f"no dataset manifest at {path}: run the data stage first (raytrain data --config …)")
-    return storage.read_json(path)
+    """The manifest of the dataset version this spec trains on (data.version, else the newest)."""
+    from raytrain.registry import dataset_dir
+
+    manifest = storage.read_json(storage.join(dataset_dir(spec), "manifest.json"))
+    return {**manifest, "path": dataset_dir(spec)}
 
 
 def model_config_for(spec: JobSpec, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -100,10 +101,21 @@ def fit(t: TrainSpec, run_name: str, root: str, train_ds: Any, loop_config: dict
     return result
 
 
-def export_model(result: Any, model_dir: str, file_dirs: list[str], lineage: dict[str, Any],
-                 spec: JobSpec, extra_json: dict[str, dict[str, Any]] | None = None) -> None:
-    """Publish the checkpoint's Hugging Face export at `model_dir` with the files of `file_dirs` (tokenizer),
-    `lineage.json`, `spec.yaml` and any `extra_json` documents, in one upload of a complete directory."""
+def export_model(result: Any, model_name: str, file_dirs: list[str], lineage: dict[str, Any],
+                 spec: JobSpec, run_name: str, extra_json: dict[str, dict[str, Any]] | None = None) -> str:
+    """Publish the checkpoint's Hugging Face export as the next version of `model_name` in the registry, with the
+    files of `file_dirs` (tokenizer), `lineage.json`, `spec.yaml` and any `extra_json` documents; returns its directory.
+
+    A version is immutable: a re-run of a finished run (same checkpoint) returns the version it exported before.
+    """
+    from raytrain.registry import Registry, exported_version, run_export_path, version_of_dir
+
+    registry = Registry(spec.storage.root)
+    checkpoint = result.checkpoint.path
+    done = exported_version(spec.storage.root, run_name)
+    if done and done["checkpoint"] == checkpoint and done["model"] == model_name and version_of_dir(done["path"]):
+        log.info("run %s already exported this checkpoint as %s version %s", run_name, model_name, done["version"])
+        return done["path"]
     with result.checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
         shutil.copytree(Path(ckpt) / HF_DIR, out)
@@ -116,15 +128,33 @@ def export_model(result: Any, model_dir: str, file_dirs: list[str], lineage: dic
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "raytrain_version": __version__,
             "git_revision": _git_revision(),
-            "checkpoint": result.checkpoint.path,
+            "run": run_name,
+            "checkpoint": checkpoint,
             "metrics": result.metrics,
         }
-        (out / "lineage.json").write_text(json.dumps({**lineage, **base, "spec": spec.model_dump(mode="json")},
-                                                     indent=2, default=str))
+
+        def finalize(d: Path, version: int) -> None:
+            doc = {**lineage, "model": model_name, "version": version, **base, "spec": spec.model_dump(mode="json")}
+            (d / "lineage.json").write_text(json.dumps(doc, indent=2, default=str))
+
         (out / "spec.yaml").write_text(dump_spec(spec))
         for name, doc in (extra_json or {}).items():
             (out / name).write_text(json.dumps(doc, indent=2, default=str))
-        storage.upload_dir(out, model_dir)
+        version = registry.publish(model_name, out, finalize, meta={"run": run_name, "checkpoint": checkpoint})
+    path = registry.version_path(model_name, version)
+    storage.write_json(run_export_path(spec.storage.root, run_name),
+                       {"model": model_name, "version": version, "path": path, "checkpoint": checkpoint})
+    return path
+
+
+def parent_ref(path: str) -> dict[str, Any]:
+    """What lineage.json says of a parent model directory: its path, and its registry name/version/task if it has
+    them."""
+    lineage_path = storage.join(path, "lineage.json")
+    lineage = storage.read_json(lineage_path) if storage.exists(lineage_path) else {}
+    task = lineage.get("task")
+    return {"path": path, "model": lineage.get("model"), "version": lineage.get("version"),
+            "task": task.get("type") if isinstance(task, dict) else task}
 
 
 def is_tokenizer_file(name: str) -> bool:
@@ -134,16 +164,15 @@ def is_tokenizer_file(name: str) -> bool:
 
 
 def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train, then export models/<model.name>/<run_name>/. Returns the final metrics and paths.
+    """Train, then publish the next version models/<model.name>/<N>/. Returns the final metrics and paths.
 
     `fault_injection` is for tests only (e.g. {"crash_in_save_at_step": 20}).
     """
 
     t0 = time.time()
-    layout = storage.Layout(spec.storage.root)
     manifest = load_manifest(spec)
     model_config = model_config_for(spec, manifest)
-    train_path = storage.join(layout.dataset(spec.data.name), "train")
+    train_path = storage.join(manifest["path"], "train")
     n_train = manifest["splits"]["train"]["sequences"]
     need = spec.train.num_workers * spec.train.micro_batch_size * spec.train.grad_accum_steps
     if n_train < need:
@@ -159,20 +188,17 @@ def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -
     result = fit(t, spec.run_name, spec.storage.root, train_ds, {
         "model_config": model_config, "init_from": spec.model.init_from, **(fault_injection or {})})
 
-    model_dir = layout.model(spec.model.name, spec.run_name)
     lineage = {
-        "model": spec.model.name,
-        "version": spec.run_name,
         "task": spec.train.task.model_dump(mode="json"),
-        "parent": {"path": spec.model.init_from} if spec.model.init_from else None,
-        "dataset": {"name": spec.data.name, "manifest_sha256": _manifest_sha(spec)},
+        "parent": parent_ref(spec.model.init_from) if spec.model.init_from else None,
+        "dataset": {"name": spec.data.name, "version": manifest.get("version"), "path": manifest["path"],
+                    "manifest_sha256": _manifest_sha(manifest["path"])},
         "tokenizer_sha256": manifest["tokenizer"]["sha256"],
     }
-    export_model(result, model_dir, [manifest["tokenizer"]["path"]], lineage, spec)
+    model_dir = export_model(result, spec.model.name, [manifest["tokenizer"]["path"]], lineage, spec, spec.run_name)
     log.info("exported %s in %.0fs (final loss %.4f)", model_dir, time.time() - t0, result.metrics.get("loss", -1))
     return {"model_dir": model_dir, "metrics": result.metrics, "checkpoint": result.checkpoint.path}
 
 
-def _manifest_sha(spec: JobSpec) -> str:
-    path = storage.join(storage.Layout(spec.storage.root).dataset(spec.data.name), "manifest.json")
-    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
+def _manifest_sha(manifest_dir: str) -> str:
+    return hashlib.sha256(storage.read_bytes(storage.join(manifest_dir, "manifest.json"))).hexdigest()
