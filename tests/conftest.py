@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -24,6 +25,17 @@ def tool_path(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} not found at .tools/node_modules/.bin/{name} or on PATH: run `make tools`")
     return path
+
+
+def dataset_path(root: Path, name: str) -> Path:
+    """The newest finished version of dataset `name` under a storage root (datasets/<name>/latest.json)."""
+    version = json.loads((root / "datasets" / name / "latest.json").read_text())["version"]
+    return root / "datasets" / name / version
+
+
+def exported_model(root: Path, run: str) -> Path:
+    """The registry version run `run` exported (runs/<run>/export.json)."""
+    return Path(json.loads((root / "runs" / run / "export.json").read_text())["path"])
 
 
 def free_port() -> int:

@@ -167,18 +167,28 @@ def test_bad_post_training_specs_name_the_key(tmp_path: Path, tree: dict, must_n
         assert needle in str(err.value), f"{needle!r} not in: {err.value}"
 
 
-def test_post_training_sections_get_their_task_and_chain_parents() -> None:
+def test_post_training_sections_get_their_task_and_chain_parents(tmp_path: Path) -> None:
+    from raytrain import storage
+    from raytrain.errors import StageInputError
     from raytrain.posttrain.stage import resolve_parent
 
-    spec = load_spec("demo", ["storage.root=/data/rt", "dpo.train.task.beta=0.3", "reward.train.max_steps=7"])
+    spec = load_spec("demo", [f"storage.root={tmp_path}", "dpo.train.task.beta=0.3", "reward.train.max_steps=7"])
     assert spec.sft.train.task.type == "sft" and spec.reward.train.task.type == "reward"
     assert spec.dpo.train.task.beta == 0.3 and spec.dpo.train.task.type == "dpo"
     assert spec.reward.train.max_steps == 7 and spec.reward.train.lr == load_spec("demo").reward.train.lr
-    assert resolve_parent(spec, "sft") == "/data/rt/models/demo-lm/demo"
-    assert resolve_parent(spec, "dpo") == resolve_parent(spec, "reward") == "/data/rt/models/demo-lm-sft/demo-sft"
-    # A stage recipe names its parent relative to the storage root, or absolutely, or as a URI.
+    with pytest.raises(StageInputError, match=r"run 'demo' has not exported a model yet.*run the pretrain stage"):
+        resolve_parent(spec, "sft")
+    # The default parent is the registry version the previous stage's run exported.
+    for run, model in (("demo", "demo-lm"), ("demo-sft", "demo-lm-sft")):
+        storage.write_json(f"{tmp_path}/runs/{run}/export.json",
+                           {"model": model, "version": 3, "path": f"{tmp_path}/models/{model}/3", "checkpoint": "c"})
+    assert resolve_parent(spec, "sft") == f"{tmp_path}/models/demo-lm/3"
+    assert resolve_parent(spec, "dpo") == resolve_parent(spec, "reward") == f"{tmp_path}/models/demo-lm-sft/3"
+    # A stage recipe names its parent in the registry, relative to the storage root, absolutely, or as a URI.
     alone = load_spec("dpo", ["storage.root=s3://b/p"])
-    assert alone.sft is None and resolve_parent(alone, "dpo") == "s3://b/p/models/demo-lm-sft/demo-sft"
+    assert alone.sft is None and alone.dpo.parent == "models:/demo-lm-sft/latest"
+    assert resolve_parent(load_spec("dpo", ["storage.root=s3://b/p", "dpo.parent=models/x/2"]), "dpo") == \
+        "s3://b/p/models/x/2"
     assert resolve_parent(load_spec("dpo", ["dpo.parent=/m/x"]), "dpo") == "/m/x"
 
 

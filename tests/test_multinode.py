@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from cluster_fixtures import ray_cluster
-from conftest import REPO
+from conftest import REPO, dataset_path
 from raytrain.config import load_spec
 from raytrain.data.demo import generate_demo_corpus
 from raytrain.data.tokenizer import EOS
@@ -116,7 +116,7 @@ def test_data_stage_on_two_nodes_does_work_on_both_and_matches_one_node(
          *_data_overrides(tmp_path / "two", corpus)],
         cwd=REPO, env=_env(two_nodes), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    one, two = tmp_path / "one" / "datasets" / "tiny", tmp_path / "two" / "datasets" / "tiny"
+    one, two = dataset_path(tmp_path / "one", "tiny"), dataset_path(tmp_path / "two", "tiny")
     r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, two))
 
     per_node = r2["nodes"]["rows_annotated"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import dataset_path, exported_model
 from raytrain.config import load_spec
 from train_fixtures import samples_by_step
 
@@ -53,7 +54,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def spec_for(root: Path, stage: str, *extra: str):
     overrides = [f"storage.root={root}", f"{stage}.parent=" + ("models/parent/v1" if stage == "sft"
-                                                                else "models/demo-lm-sft/t-sft")]
+                                                                else "models:/demo-lm-sft/latest")]
     overrides += [f"{stage}.{o}" for o in COMMON] + list(extra)
     return load_spec("dpo" if stage == "dpo" else stage, ["name=t", *overrides])
 
@@ -84,7 +85,7 @@ def test_sft_stage_accounts_for_every_row_and_exports_a_chat_model(root: Path, s
         assert counts["by_reason"].get(row["reason"], 0) >= 1, row
     assert sft["metrics"]["step"] == STEPS and sft["metrics"]["task"] == "sft"
     model_dir = Path(sft["model_dir"])
-    assert model_dir == root / "models" / "demo-lm-sft" / "t-sft"
+    assert model_dir == root / "models" / "demo-lm-sft" / "1" == exported_model(root, "t-sft")
     lineage = json.loads((model_dir / "lineage.json").read_text())
     assert lineage["parent"]["path"] == str(root / "models" / "parent" / "v1")
     assert lineage["dataset"]["name"] == "demo-sft" and lineage["task"]["type"] == "sft"
@@ -158,7 +159,7 @@ def test_dpo_worker_killed_mid_run_finishes_with_no_step_lost_or_repeated(root: 
     steps = samples_by_step(root, "t-dpo")
     assert sorted(steps) == list(range(1, STEPS + 1))
     assert {k: steps[k] for k in before} == before and sorted(before)[-1] == 6
-    train_rows = json.loads((root / "datasets" / "demo-prefs" / "manifest.json").read_text())["splits"]["train"]
+    train_rows = json.loads((dataset_path(root, "demo-prefs") / "manifest.json").read_text())["splits"]["train"]
     per_step = 2 * 4 * 2  # ranks x micro-batch pairs x (chosen, rejected)
     pairs_per_epoch = train_rows["rows"] // 8 * 8
     seen = [s for step in sorted(steps) for s in steps[step]]

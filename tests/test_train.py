@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import dataset_path
 from raytrain.config import load_spec
 from train_fixtures import build_packed_dataset, samples_by_step
 
@@ -103,7 +104,7 @@ def test_each_sample_once_per_epoch(root: Path, reference: dict) -> None:
     steps = samples_by_step(root, "ref")
     assert sorted(steps) == list(range(1, 13))
     seen = [s for step in sorted(steps) for s in steps[step]]
-    manifest = json.loads((root / "datasets" / "tiny" / "manifest.json").read_text())
+    manifest = json.loads((dataset_path(root, "tiny") / "manifest.json").read_text())
     per_epoch = manifest["splits"]["train"]["sequences"] // 8 * 8  # drop_last over 2 ranks x 4
     first_epoch = seen[:per_epoch]
     assert len(set(first_epoch)) == len(first_epoch), "a sequence repeated within an epoch"

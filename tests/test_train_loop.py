@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, dataset_path
 from train_fixtures import build_packed_dataset
 
 try:
@@ -45,7 +45,7 @@ RUNNER = textwrap.dedent("""
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("loop-data")
     manifest = build_packed_dataset(root, seq_len=64)
-    return {"root": root, "train": root / "datasets" / "tiny" / "train", "manifest": manifest}
+    return {"root": root, "train": dataset_path(root, "tiny") / "train", "manifest": manifest}
 
 
 def loop_config(data: dict, device: str, zero_stage: int, precision: str, **extra: object) -> dict:

@@ -35,7 +35,8 @@ def build_packed_dataset(root: Path, name: str = "tiny", seq_len: int = 64, file
     tok_dir = root / "tokenizers" / name
     train_tokenizer(texts, vocab_size=400, min_frequency=2, out_dir=tok_dir)
     packed = TokenizePack((tok_dir / "tokenizer.json").read_text(), seq_len)({"text": np.array(texts, dtype=object)})
-    out = root / "datasets" / name / "train"
+    base = root / "datasets" / name / "test"
+    out = base / "train"
     out.mkdir(parents=True)
     n = len(packed["num_tokens"])
     for i, part in enumerate(np.array_split(np.arange(n), files)):
@@ -45,7 +46,8 @@ def build_packed_dataset(root: Path, name: str = "tiny", seq_len: int = 64, file
     manifest = {"dataset": name, "seq_len": seq_len,
                 "tokenizer": {"path": str(tok_dir), "sha256": "test", "vocab_size": 400},
                 "splits": {"train": {"sequences": n, "tokens": int(packed["num_tokens"].sum())}}}
-    (root / "datasets" / name / "manifest.json").write_text(json.dumps(manifest))
+    (base / "manifest.json").write_text(json.dumps(manifest))
+    (root / "datasets" / name / "latest.json").write_text(json.dumps({"version": "test"}))
     return manifest
 
 
