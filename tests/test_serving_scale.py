@@ -1,4 +1,4 @@
-"""Serving under load: autoscaling up and back down, rolling a model to a new version, and losing a replica.
+"""Serving under load: autoscaling up and back down, promoting and rolling back a registry alias, losing a replica.
 
 One local Ray + Serve for the module, apps with short autoscaling delays and replicas that reserve a quarter CPU
 each, so three of them fit the 4 logical CPUs. A thread pool of HTTP clients is the load generator.
@@ -50,12 +50,14 @@ def port() -> Iterator[int]:
                 os.environ[k] = v
 
 
-def _deploy(name: str, model: Path, **options: Any) -> None:
+def _deploy(name: str, model: Path | dict[str, str], **options: Any) -> None:
+    """Deploy (or update in place) app `name` serving a model directory, or a serving config entry."""
     from ray import serve
 
     from serving.app import build_app
 
-    args = {"models": [{"name": MODEL, "path": str(model)}], "num_cpus_per_replica": 0.25, **options}
+    entry = model if isinstance(model, dict) else {"name": MODEL, "path": str(model)}
+    args = {"models": [entry], "num_cpus_per_replica": 0.25, **options}
     serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
 
 
@@ -154,9 +156,15 @@ def test_scales_up_under_load_and_back_down(port: int, models: dict[str, Path]) 
         serve.delete(app)
 
 
-def test_rollout_to_new_version_under_load_loses_no_request(port: int, models: dict[str, Path]) -> None:
+def test_promote_and_rollback_move_the_endpoint_under_load_losing_no_request(
+        port: int, models: dict[str, Path], tmp_path: Path) -> None:
+    """The endpoint follows the registry's `champion` alias: promote v2, then roll back to v1, each a redeploy of the
+    alias (an in-place Serve update) under load; no request fails and /v1/models names the version serving."""
     from ray import serve
 
+    from raytrain.config.schema import PromoteSpec
+    from raytrain.promotion import promote
+    from raytrain.registry import Registry, served_entry
     from serving.engine import TorchEngine
 
     expected = {
@@ -164,16 +172,30 @@ def test_rollout_to_new_version_under_load_loses_no_request(port: int, models: d
         for v, p in models.items()
     }
     assert expected["v1"] != expected["v2"]
+    registry = Registry(str(tmp_path / "root"))
+    versions = {label: registry.publish("tiny", models[label]) for label in ("v1", "v2")}
+    promote(registry, "tiny", versions["v1"], PromoteSpec())
+
+    def serving() -> dict[str, Any]:
+        return httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+
     app, url = "rollout", f"http://127.0.0.1:{port}/rollout"
-    _deploy(app, models["v1"], min_replicas=1, max_replicas=1)
+    _deploy(app, served_entry(registry.root, "tiny", "champion", MODEL), min_replicas=1, max_replicas=1)
     _wait_for(lambda: _healthy(url), 120, "v1 to answer")
+    assert (serving()["version"], serving()["alias"]) == (str(versions["v1"]), "champion")
     try:
         with Load(url, workers=3, max_tokens=6) as load:
             _wait_for(lambda: load.total >= 10, 60, "steady load")
-            _deploy(app, models["v2"], min_replicas=1, max_replicas=1)  # same app name: an in-place update
+            promote(registry, "tiny", versions["v2"], PromoteSpec())
+            _deploy(app, served_entry(registry.root, "tiny", "champion", MODEL), min_replicas=1, max_replicas=1)
             _wait_for(lambda: expected["v2"] in load.texts[-3:], 180, "answers from v2")
+            assert serving()["version"] == str(versions["v2"])
+            registry.rollback("tiny", "champion")
+            _deploy(app, served_entry(registry.root, "tiny", "champion", MODEL), min_replicas=1, max_replicas=1)
+            _wait_for(lambda: expected["v1"] in load.texts[-3:], 180, "answers from v1 again")
             settled = load.total
-            _wait_for(lambda: load.total >= settled + 10, 60, "more load on v2")
+            _wait_for(lambda: load.total >= settled + 10, 60, "more load on v1")
+        assert serving()["version"] == str(versions["v1"])
         assert load.errors == 0, load.statuses
         assert set(load.texts) == {expected["v1"], expected["v2"]}  # every answer came from one version or the other
     finally:
