@@ -279,6 +279,38 @@ def test_rollout_patch_applies_to_the_charts_rayservice(kuberay):
     assert not kuberay.errors(patched)
 
 
+def test_rollout_follows_a_registry_alias(api, tmp_path):
+    """`--alias` resolves the alias in the registry now and records version and alias in the served entry; after a
+    registry rollback, the same command moves the RayService back. (The Kubernetes API is the in-process fake.)"""
+    from raytrain.registry import Registry
+
+    registry = Registry(str(tmp_path))
+    for label in ("a", "b"):
+        src = tmp_path / f"src-{label}"
+        src.mkdir()
+        (src / "config.json").write_text("{}")
+        registry.publish("demo-lm-dpo", src)
+    registry.set_alias("demo-lm-dpo", "champion", 1)
+    registry.set_alias("demo-lm-dpo", "champion", 2)
+    api.objects[("rayservices", NS, "raytrain-llm")] = rayservice()
+    args = ["rollout", "--model", "demo-lm", "--alias", "champion", "--registry-root", str(tmp_path),
+            "--registry-model", "demo-lm-dpo", "-n", NS]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "(version 2, champion)" in result.output
+    served = manifests.served_models(api.objects[("rayservices", NS, "raytrain-llm")])
+    assert served == [{"name": "demo-lm", "path": registry.version_path("demo-lm-dpo", 2), "version": "2",
+                       "alias": "champion"}]
+    registry.rollback("demo-lm-dpo", "champion")
+    assert invoke(*args).exit_code == 0
+    served = manifests.served_models(api.objects[("rayservices", NS, "raytrain-llm")])
+    assert served[0]["path"] == registry.version_path("demo-lm-dpo", 1) and served[0]["version"] == "1"
+    unknown = invoke(*args[:4], "nope", *args[5:])
+    assert unknown.exit_code == 2 and "no alias 'nope'" in unknown.output
+    both = invoke("rollout", "--model", "demo-lm", "--path", "/p", "--alias", "champion", "-n", NS)
+    assert both.exit_code == 2 and "exactly one of --path and --alias" in both.output
+
+
 def test_rollout_refusals(api):
     api.objects[("rayservices", NS, "raytrain-llm")] = rayservice()
     same = invoke("rollout", "--model", "demo-lm", "--path", "s3://models/demo-lm/1", "-n", NS)
