@@ -63,7 +63,7 @@ GPU_GROUPS = {
     "serving": {
         "models": [
             {"name": "tiny-chat", "path": "s3://models/tiny-chat/3"},
-            {"name": "demo-lm", "path": "/data/artifacts/models/demo-lm/demo"},
+            {"name": "demo-lm", "path": "/data/artifacts/models/demo-lm-dpo/1"},
         ],
         "maxTokensLimit": 2048,
         "minReplicas": 0,
@@ -317,7 +317,7 @@ def test_serve_config(helm, tmp):
     assert app["args"] == {
         "models": [
             {"name": "tiny-chat", "path": "s3://models/tiny-chat/3"},
-            {"name": "demo-lm", "path": "/data/artifacts/models/demo-lm/demo"},
+            {"name": "demo-lm", "path": "/data/artifacts/models/demo-lm-dpo/1"},
         ],
         "max_tokens_limit": 2048,
         "min_replicas": 0,
@@ -346,9 +346,9 @@ def test_serve_args_are_valid_for_build_app(helm, tmp, case):
     (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
     loaded = serving_config.ServeAppConfig.load(app["args"])
     expected = (CASES[case] or {}).get("serving", {}).get("models") or [
-        {"name": "demo-lm", "path": "/data/artifacts/models/demo-lm/demo"}
+        {"name": "demo-lm", "path": "/data/artifacts/models/demo-lm-dpo/1"}
     ]
-    assert [m.model_dump() for m in loaded.models] == expected
+    assert [m.model_dump(exclude_none=True) for m in loaded.models] == expected
     with pytest.raises(serving_config.ServeConfigError, match="max_tokens_limit"):
         serving_config.ServeAppConfig.load({**app["args"], "max_tokens_limit": 0})
 

@@ -363,7 +363,10 @@ RAYTRAIN_API_KEYS_FILE, which the pod template sets on the serving pods to where
 {{- $s := .Values.serving }}
 {{- $models := list }}
 {{- range $s.models }}
-{{- $models = append $models (dict "name" .name "path" .path) }}
+{{- $m := dict "name" .name "path" .path }}
+{{- if .version }}{{- $_ := set $m "version" .version }}{{- end }}
+{{- if .alias }}{{- $_ := set $m "alias" .alias }}{{- end }}
+{{- $models = append $models $m }}
 {{- end }}
 {{- $args := dict
       "models" $models
