@@ -55,9 +55,11 @@ def _posttrain(stage: str) -> Callable[[JobSpec, bool], dict[str, Any]]:
 
 
 def _eval(spec: JobSpec, started_local: bool) -> dict[str, Any]:
-    from raytrain.eval.perplexity import run_eval
+    from raytrain.eval.suites import print_summary, run_eval
 
-    return run_eval(spec)
+    doc = run_eval(spec)
+    print_summary(doc)
+    return doc
 
 
 def _serve(spec: JobSpec, started_local: bool) -> dict[str, Any]:
@@ -75,45 +77,65 @@ def _serve(spec: JobSpec, started_local: bool) -> dict[str, Any]:
     return {"url": f"{url}/v1", "model": spec.served_model_name}
 
 
-def _alignment(spec: JobSpec) -> dict[str, Any]:
-    """Ground-truth reward and KL to the SFT model of the SFT and DPO models on held-out demo prompts."""
-    from raytrain.eval.alignment import evaluate_alignment
-    from raytrain.posttrain.stage import input_paths, model_dir_of
+def _gate(spec: JobSpec) -> dict[str, Any]:
+    """Run the promotion gate on the candidate this spec exported and promote it when it passes; print the verdict.
 
-    _, demo = input_paths(spec, "dpo")
-    if demo is None:
-        return {}
-    sft_dir = model_dir_of(spec, "sft")
-    figures = evaluate_alignment({"sft": sft_dir, "dpo": model_dir_of(spec, "dpo")}, sft_dir, demo["eval_prompts"],
-                                 seed=spec.dpo.train.seed)
-    return {k: v for k, v in figures.items() if k in ("sft", "dpo")}
+    A refused candidate leaves the alias where it was: the pipeline then serves that earlier version (when serving
+    follows the alias), and stops with the failing checks when there is none.
+    """
+    from raytrain.promotion import PromotionRefused, evaluate, promote, verdict_lines
+    from raytrain.registry import Registry, candidate_dir, version_of_dir
+
+    gate = spec.promote
+    found = version_of_dir(candidate_dir(spec))
+    if found is None:
+        raise StageInputError(f"the candidate {candidate_dir(spec)} is not a registry version: nothing to promote")
+    name, version = found
+    registry = Registry(spec.storage.root)
+    results = evaluate(registry.version_info(name, version)["eval"] or {}, gate)
+    out: dict[str, Any] = {"model": name, "version": version, "alias": gate.alias,
+                           "checks": {r.metric: {"value": r.value, "passed": r.passed, "required": r.bound}
+                                      for r in results}}
+    try:
+        promote(registry, name, version, gate)
+        out["verdict"] = "promoted"
+    except PromotionRefused as exc:
+        out["verdict"] = "refused"
+        out["reason"] = str(exc)
+    print(f"\npromotion gate for {name} version {version} -> {gate.alias}: {out['verdict'].upper()}\n  "
+          + "\n  ".join(verdict_lines(results) or ["(no checks in promote.checks: always passes)"]) + "\n", flush=True)
+    if out["verdict"] == "refused" and spec.serve.alias == gate.alias and not spec.serve.model_path:
+        try:
+            out["serving_instead"] = registry.alias_version(name, gate.alias)
+        except StageInputError:
+            raise StageInputError(f"{out['reason']}; and no earlier {gate.alias!r} version exists to serve") from None
+    return out
 
 
 def _pipeline(spec: JobSpec, started_local: bool) -> dict[str, Any]:
-    from raytrain.deploy import client_api_key, complete, deploy
+    from raytrain.deploy import client_api_key, complete, deploy, served_entry
 
     api_key = client_api_key(spec)  # before training: the demo request at the end needs a key when serve.auth is on
     summary: dict[str, Any] = {}
     steps = [("data", _data), ("pretrain", _pretrain)]
     steps += [(name, _posttrain(name)) for name in ("sft", "reward", "dpo") if getattr(spec, name) is not None]
     steps.append(("eval", _eval))
+    if spec.promote.enabled:
+        steps.append(("promote", lambda s, _: _gate(s)))
     for name, fn in steps:
         t0 = time.time()
         summary[name] = fn(spec, started_local)
         summary[name]["seconds"] = round(time.time() - t0, 1)
-    if spec.sft is not None and spec.dpo is not None and spec.dpo.data.source == "demo":
-        t0 = time.time()
-        summary["alignment"] = {**_alignment(spec), "seconds": round(time.time() - t0, 1)}
-        _print_alignment(summary["alignment"])
-        _record_alignment(spec, summary["alignment"])
     url = deploy(spec)
     reply = complete(url, spec.served_model_name, spec.serve.demo_prompt, spec.serve.demo_max_tokens, api_key=api_key)
     text = reply["choices"][0]["text"]
-    from raytrain.deploy import served_model_dir
-
-    summary["serve"] = {"url": f"{url}/v1", "model": spec.served_model_name, "model_dir": served_model_dir(spec),
+    entry = served_entry(spec)
+    summary["serve"] = {"url": f"{url}/v1", "model": spec.served_model_name, "model_dir": entry["path"],
+                        "version": entry.get("version"), "alias": entry.get("alias"),
                         "prompt": spec.serve.demo_prompt, "completion": text}
-    print(f"\ncompletion from {url}/v1/completions:\n  {spec.serve.demo_prompt}{text}\n", flush=True)
+    served = f" (version {entry['version']}" + (f", {entry['alias']})" if entry.get("alias") else ")") \
+        if entry.get("version") else ""
+    print(f"\ncompletion from {url}/v1/completions{served}:\n  {spec.serve.demo_prompt}{text}\n", flush=True)
     if started_local:
         from ray import serve
 
@@ -122,41 +144,18 @@ def _pipeline(spec: JobSpec, started_local: bool) -> dict[str, Any]:
     return summary
 
 
-def _record_alignment(spec: JobSpec, figures: dict[str, Any]) -> None:
-    """Keep the side-by-side figures with the DPO model's evaluation (its eval.json)."""
-    from raytrain import storage
-    from raytrain.posttrain.stage import model_dir_of
-
-    path = storage.join(model_dir_of(spec, "dpo"), "eval.json")
-    doc = storage.read_json(path) if storage.exists(path) else {}
-    storage.write_json(path, {**doc, "alignment": {**figures, "reference": "sft"}})
-
-
-def _print_alignment(a: dict[str, Any]) -> None:
-    if "sft" not in a or "dpo" not in a:
-        return
-    rows = [("ground-truth reward (held-out prompts)", "reward_mean", "{:+.3f}"),
-            ("  standard error", "reward_sem", "{:.3f}"),
-            ("KL to the SFT model (nats/response)", "kl_to_reference", "{:.3f}"),
-            ("response tokens", "response_tokens_mean", "{:.1f}")]
-    lines = [f"{'':40s}{'SFT':>10s}{'DPO':>10s}"]
-    for label, key, fmt in rows:
-        lines.append(f"{label:40s}{fmt.format(a['sft'].get(key, float('nan'))):>10s}"
-                     f"{fmt.format(a['dpo'].get(key, float('nan'))):>10s}")
-    print("\nalignment (hidden preference rule of the embedded demo):\n  " + "\n  ".join(lines) + "\n", flush=True)
-
-
 STAGE_TABLE: dict[str, Stage] = {s.name: s for s in (
     Stage("data", _data, "data", "Curate a corpus into tokenized, packed Parquet shards with a manifest."),
     Stage("pretrain", _pretrain, "train", "Pretrain with Ray Train + DeepSpeed and export a Hugging Face model."),
     Stage("sft", _posttrain("sft"), "sft", "Supervised fine-tuning of a parent model on demonstrations."),
     Stage("reward", _posttrain("reward"), "reward", "Train a reward model on preference pairs (Bradley-Terry)."),
     Stage("dpo", _posttrain("dpo"), "dpo", "Align a parent model on preference pairs with DPO or IPO."),
-    Stage("eval", _eval, "eval", "Measure perplexity of the pretrained model on the corpus's held-out split."),
+    Stage("eval", _eval, "eval", "Evaluate the candidate (perplexity, lm-eval, win rate, overfitting, safety) "
+          "into its eval.json and eval.md."),
     Stage("serve", _serve, "serve", "Serve the exported model behind OpenAI-compatible HTTP endpoints.",
           batch=False),
     Stage("pipeline", _pipeline, "*", "Run data -> pretrain -> sft -> reward -> dpo (those the spec has) -> eval -> "
-          "serve and print a completion fetched over HTTP."),
+          "promotion gate -> serve and print a completion fetched over HTTP."),
 )}
 """The one place a stage is declared."""
 

@@ -13,6 +13,7 @@ the jobs API answers, minutes on a loaded 2-core machine) is repeated, as a pers
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, dataset_path, exported_model
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ import json, sys
 from openai import OpenAI
 client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
 reply = client.completions.create(model="demo-lm", prompt="The garden", max_tokens=5, temperature=0)
-print(json.dumps({"models": [m.id for m in client.models.list().data], "text": reply.choices[0].text,
+print(json.dumps({"models": [m.model_dump() for m in client.models.list().data], "text": reply.choices[0].text,
                   "completion_tokens": reply.usage.completion_tokens}))
 """
 
@@ -166,35 +167,46 @@ def test_relative_storage_root_in_a_job_stops_with_what_to_set(laptop: dict) -> 
 
 def test_artifacts_land_where_the_readme_says(laptop: dict) -> None:
     root = laptop["root"]
-    data = root / "datasets" / "demo"
+    data = dataset_path(root, "demo")
     planted = json.loads((root / "raw" / "demo-1500-0" / "planted.json").read_text())
     report = json.loads((data / "report.json").read_text())
     assert report["read"] == planted["rows"] == 1500  # every generated row, valid or malformed, was read
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["splits"]["train"]["tokens"] > 0
-    model = root / "models" / "demo-lm" / "demo"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "lineage.json",
-                 "eval.json"):
+    model = exported_model(root, "demo")
+    assert model == root / "models" / "demo-lm" / "1"  # the first registry version of the pretrained model
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "lineage.json"):
         assert (model / name).is_file(), name
+    # The eval stage reports on the candidate, the last stage's export (DPO here): eval.json, eval.md and its charts.
+    candidate = exported_model(root, "demo-dpo")
+    report = (candidate / "eval.md").read_text()
+    for suite in ("perplexity", "lm_eval", "win_rate", "alignment", "overfitting", "safety"):
+        assert f"## {suite}" in report and (candidate / "eval" / f"{suite}.png").is_file(), suite
     lineage = json.loads((model / "lineage.json").read_text())
     assert lineage["dataset"]["name"] == "demo" and len(lineage["dataset"]["manifest_sha256"]) == 64
+    # The lineage names the dataset version it trained on, which still resolves, byte for byte.
+    assert Path(lineage["dataset"]["path"]) == data and lineage["dataset"]["version"] == data.name
+    assert hashlib.sha256((data / "manifest.json").read_bytes()).hexdigest() == lineage["dataset"]["manifest_sha256"]
+    assert lineage["tokenizer_sha256"] == manifest["tokenizer"]["sha256"] and lineage["task"]["type"] == "pretrain"
+    assert lineage["spec"]["name"] == "demo" and lineage["run"] == "demo" and lineage["version"] == 1
     assert list((root / "runs" / "demo").glob("checkpoint_*")), "Ray Train checkpoints under the run dir"
 
 
 def test_exported_model_loads_and_beats_untrained(laptop: dict) -> None:
-    """Independent of eval.json: load with transformers and score held-out data here."""
+    """Independent of eval.json: load with transformers and score held-out data here; then eval.json's
+    perplexity suite (on the candidate, the DPO model, against its parent, the SFT model) agrees."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     root = laptop["root"]
-    model_dir = root / "models" / "demo-lm" / "demo"
+    model_dir = exported_model(root, "demo")
     trained = AutoModelForCausalLM.from_pretrained(model_dir)
     AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(123)
     untrained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    table = pq.read_table(root / "datasets" / "demo" / "val")
+    table = pq.read_table(dataset_path(root, "demo") / "val")
     ids = torch.tensor(np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)), dtype=torch.long)
     n = torch.tensor(table.column("num_tokens").to_numpy(), dtype=torch.long)
     mask = torch.arange(ids.shape[1])[None, :] < n[:, None]
@@ -206,9 +218,32 @@ def test_exported_model_loads_and_beats_untrained(laptop: dict) -> None:
 
     p_trained, p_untrained = ppl(trained), ppl(untrained)
     assert p_trained < 0.5 * p_untrained, (p_trained, p_untrained)
-    recorded = json.loads((model_dir / "eval.json").read_text())
-    assert recorded["beats_untrained"] is True
-    assert recorded["perplexity"] == pytest.approx(p_trained, rel=0.05)
+    p_dpo, p_sft = (ppl(AutoModelForCausalLM.from_pretrained(exported_model(root, run)))
+                    for run in ("demo-dpo", "demo-sft"))
+    recorded = json.loads((exported_model(root, "demo-dpo") / "eval.json").read_text())["perplexity"]
+    assert recorded["beats_untrained"] is True and recorded["split"] == "val"
+    assert recorded["perplexity"] == pytest.approx(p_dpo, rel=0.05)
+    assert recorded["parent_perplexity"] == pytest.approx(p_sft, rel=0.05)
+    assert recorded["change_vs_parent"] == pytest.approx(recorded["perplexity"] / recorded["parent_perplexity"] - 1)
+
+
+def test_eval_suites_report_on_the_candidate(laptop: dict) -> None:
+    """The figures the promotion gate reads, under the keys it reads, from every suite the demo runs."""
+    doc = json.loads((exported_model(laptop["root"], "demo-dpo") / "eval.json").read_text())
+    assert not any("skipped" in info for info in doc["suites"].values()), doc["suites"]
+    w = doc["win_rate"]
+    assert w["n"] == 64 and 0.0 <= w["win_rate"] <= 1.0
+    assert w["baseline"] == str(exported_model(laptop["root"], "demo-sft"))
+    # DPO learned what the reward model learned: its responses win more often than not.
+    assert w["win_rate"] > 0.5 and w["candidate_reward_mean"] > w["baseline_reward_mean"], w
+    assert 0.0 <= doc["lm_eval"]["raytrain_demo_mc"]["acc"] <= 1.0 and "raytrain_demo_gen" in doc["lm_eval"]
+    assert 0.0 <= doc["safety"]["unsafe_rate"] <= 1.0 and doc["safety"]["generations"] > 0
+    runs = doc["overfitting"]["runs"]
+    assert set(runs) == {"pretrain", "sft", "dpo"} and isinstance(doc["overfitting"]["flagged"], bool)
+    for stage, run in runs.items():
+        assert len(run["points"]) >= 3, (stage, run)
+        steps = [p["step"] for p in run["points"]]
+        assert steps == sorted(steps) and all(math.isfinite(p["gap"]) for p in run["points"]), (stage, run)
 
 
 def test_alignment_lifecycle_meets_its_ground_truth(laptop: dict) -> None:
@@ -218,9 +253,9 @@ def test_alignment_lifecycle_meets_its_ground_truth(laptop: dict) -> None:
     [-1, 1]; measured: SFT about 0.0, DPO about 0.8), at a finite, reported KL to the SFT model."""
     root = laptop["root"]
     models = root / "models"
-    reward = json.loads((models / "demo-lm-reward" / "demo-reward" / "eval.json").read_text())["heldout"]
+    reward = json.loads((exported_model(root, "demo-reward") / "eval.json").read_text())["heldout"]
     assert reward["pairs"] >= 100 and reward["accuracy"] >= 0.9, reward
-    dpo_eval = json.loads((models / "demo-lm-dpo" / "demo-dpo" / "eval.json").read_text())
+    dpo_eval = json.loads((exported_model(root, "demo-dpo") / "eval.json").read_text())
     a = dpo_eval["alignment"]
     assert a["dpo"]["reward_mean"] - a["sft"]["reward_mean"] >= 0.3, a
     assert a["sft"]["kl_to_reference"] == 0 and 0 < a["dpo"]["kl_to_reference"] < 50, a
@@ -229,21 +264,33 @@ def test_alignment_lifecycle_meets_its_ground_truth(laptop: dict) -> None:
     # Lineage chains the versions: dpo <- sft <- pretrain, each naming its data.
     lin = {m: json.loads(next((models / m).glob("*/lineage.json")).read_text())
            for m in ("demo-lm", "demo-lm-sft", "demo-lm-reward", "demo-lm-dpo")}
-    assert lin["demo-lm-dpo"]["parent"]["path"].endswith("models/demo-lm-sft/demo-sft")
-    assert lin["demo-lm-reward"]["parent"]["path"].endswith("models/demo-lm-sft/demo-sft")
-    assert lin["demo-lm-sft"]["parent"]["path"].endswith("models/demo-lm/demo")
+    assert lin["demo-lm-dpo"]["parent"] == lin["demo-lm-reward"]["parent"] == {
+        "path": str(models / "demo-lm-sft" / "1"), "model": "demo-lm-sft", "version": 1, "task": "sft"}
+    assert lin["demo-lm-sft"]["parent"] == {"path": str(models / "demo-lm" / "1"), "model": "demo-lm", "version": 1,
+                                            "task": "pretrain"}
     assert lin["demo-lm-sft"]["dataset"]["name"] == "demo-sft" and lin["demo-lm-dpo"]["dataset"]["name"] == "demo-prefs"
     planted = json.loads(next((root / "raw").glob("alignment-demo-*/planted.json")).read_text())
     assert lin["demo-lm-dpo"]["dataset"]["counts"]["quarantined"] == planted["counts"]["planted"]["prefs"]
 
 
-def test_endpoint_keeps_serving_after_the_job(laptop: dict) -> None:
-    """On a long-lived cluster the Serve app outlives the job that deployed it (checked with the openai client
-    inside the namespace, after the job ended)."""
+def test_the_gate_promotes_the_candidate_and_the_endpoint_serves_the_champion(laptop: dict) -> None:
+    """The pipeline ends eval -> gate -> promote -> serve: the DPO export passed the demo's gate, took `champion`
+    with its evidence recorded, and the endpoint (checked with the openai client inside the namespace after the job
+    ended: on a long-lived cluster the Serve app outlives the job) serves that version."""
+    out = laptop["proc"].stdout + laptop["proc"].stderr
+    assert "promotion gate for demo-lm-dpo version 1 -> champion: PROMOTED" in out, out[-6000:]
+    root = laptop["root"]
+    alias = json.loads((root / "models" / "demo-lm-dpo" / "aliases" / "champion.json").read_text())
+    assert alias["version"] == 1
+    events = [json.loads(p.read_text()) for p in sorted((root / "models" / "demo-lm-dpo" / "history").glob("*.json"))]
+    (promoted,) = [e for e in events if e["action"] == "promote"]
+    assert promoted["passed"] and promoted["alias"] == "champion" and len(promoted["checks"]) >= 5
+    assert all(c["passed"] and c["value"] is not None for c in promoted["checks"]), promoted["checks"]
     reply = _read(laptop, "endpoint.json")
     assert reply, _read(laptop, "endpoint.err")[-3000:]
     got = json.loads(reply)
-    assert got["models"] == ["demo-lm"] and got["completion_tokens"] > 0
+    assert [(m["id"], m["version"], m["alias"]) for m in got["models"]] == [("demo-lm", "1", "champion")]
+    assert got["completion_tokens"] > 0
 
 
 if __name__ == "__main__":  # pragma: no cover - print the block this test runs

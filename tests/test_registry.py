@@ -138,7 +138,7 @@ def test_gate_promotes_a_passing_candidate_and_refuses_a_failing_one(tmp_path: P
     forced = _cli("models", "promote", "lm", str(bad), "-c", str(spec_file), "--alias", "challenger", "--force")
     assert forced.returncode == 0, forced.stderr
     assert reg.alias_version("lm", "challenger") == bad
-    assert [e for e in reg.history("lm", bad) if e["action"] == "promote"][0]["forced"] is True
+    assert next(e for e in reg.history("lm", bad) if e["action"] == "promote")["forced"] is True
 
 
 def test_rollback_moves_the_alias_back_through_its_moves(tmp_path: Path, spec_file: Path) -> None:

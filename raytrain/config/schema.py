@@ -287,6 +287,23 @@ class DecontaminationSpec(Section):
     ngram: int = Field(13, ge=1, description="Documents sharing a word n-gram this long with an eval set are removed.")
 
 
+class ToxicitySpec(Section):
+    """A toxicity classifier (alt-profanity-check: TF-IDF + calibrated linear SVM, shipped in its wheel)."""
+
+    enabled: bool = Field(True, description="Remove documents the classifier finds offensive (reason 'toxicity').")
+    threshold: float = Field(
+        0.7, gt=0, lt=1, description="Remove a document when the classifier's probability for one of its windows "
+        "is at or above this. Measured on the 1500-row demo corpus (seeds 0 and 1) with 60-word windows: clean "
+        "prose scores at most 0.51, the planted offensive documents at least 0.98 and the planted borderline ones "
+        "(the assassin bug, Scunthorpe, the Somme, a whelping bitch) at most 0.36. 0.5, the library's own cut, "
+        "leaves no margin for the clean prose.")
+    chunk_words: int = Field(
+        60, ge=0, description="Score windows of consecutive sentences of about this many words and take the "
+        "highest, so one offensive paragraph in a long clean document is caught: scored whole, the demo's planted "
+        "ones fall to 0.01-0.66. Windows of 20-30 words flag clean sentences (up to 0.82 for one about a black "
+        "hole). 0: score the whole document.")
+
+
 class FilterSpec(Section):
     max_doc_bytes: int = Field(
         1_000_000, ge=1, description="Raw documents larger than this go to quarantine (reason 'too_large')."
@@ -300,6 +317,7 @@ class FilterSpec(Section):
     c4: C4Spec = Field(default_factory=C4Spec, description="C4 line and document rules.")
     fineweb: FineWebSpec = Field(default_factory=FineWebSpec, description="FineWeb rules.")
     bad_words: BadWordsSpec = Field(default_factory=BadWordsSpec, description="Bad-words list.")
+    toxicity: ToxicitySpec = Field(default_factory=ToxicitySpec, description="Toxicity classifier.")
 
 
 class SplitSpec(Section):
@@ -315,7 +333,12 @@ class TokenizerSpec(Section):
 
 
 class DataSpec(Section):
-    name: SafeName = Field("demo", description="Dataset name: datasets/<name>/ under the root.")
+    name: SafeName = Field("demo", description="Dataset name: its versions live in datasets/<name>/<version>/.")
+    version: SafeName | None = Field(
+        None, description="Dataset version later stages read (a directory under datasets/<name>/). Unset: the newest "
+        "one the data stage finished (datasets/<name>/latest.json). The data stage names each version by a hash of "
+        "its data spec and its input files, so another corpus under the same name is a new version and never "
+        "overwrites one a model's lineage refers to.")
     source: SourceSpec = Field(default_factory=SourceSpec, description="Where the raw corpus comes from.")
     extract_html: bool = Field(True, description="Extract main text from HTML documents (trafilatura).")
     filters: FilterSpec = Field(default_factory=FilterSpec, description="Quality filters, each switchable.")
@@ -529,13 +552,13 @@ class PostTrainStageSpec(Section):
     """One post-training stage: a parent model, its data, and a training run with that stage's task."""
 
     model_name: SafeName | None = Field(
-        None, description="Exported model name (models/<model_name>/<run_name>/). Unset: <model.name>-<stage>.",
+        None, description="Registry name of the export (models/<model_name>/<N>/). Unset: <model.name>-<stage>.",
     )
     parent: str | None = Field(
         None,
-        description="Model directory to start from: a pretraining export or another post-training export; an "
-        "object-store URI, an absolute path, or a path relative to storage.root (models/<name>/<version>). Unset: "
-        "the previous stage of this spec (sft: the pretrained model; reward and dpo: the SFT model).",
+        description="Model to start from: a registry reference (models:/<name>/<N>, models:/<name>@<alias>, "
+        "models:/<name>/latest), an object-store URI, an absolute path, or a path relative to storage.root. Unset: "
+        "the version the previous stage of this spec exported (sft: pretrained; reward and dpo: SFT).",
     )
     data: PostTrainDataSpec = Field(default_factory=PostTrainDataSpec, description="Training data.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="The run; `train.task.type` names the stage.")
@@ -579,19 +602,117 @@ RewardStageSpec = _stage_spec("reward", "demo-prefs")
 DPOStageSpec = _stage_spec("dpo", "demo-prefs")
 
 
-class EvalSpec(Section):
-    split: Literal["val", "test"] = Field("val", description="Held-out split to measure perplexity on.")
+class PerplexityEvalSpec(Section):
+    """Perplexity of the candidate (and its parent, and an untrained model) on the corpus's held-out splits."""
+
+    enabled: bool = Field(True, description="Run this suite.")
+    splits: list[Literal["val", "test"]] = Field(
+        default_factory=lambda: ["val"], min_length=1, description="Held-out splits to measure perplexity on.")
     batch_size: int = Field(16, ge=1, description="Sequences per evaluation batch.")
-    max_sequences: int | None = Field(None, ge=1, description="Cap on evaluated sequences (unset: all).")
+    max_sequences: int | None = Field(None, ge=1, description="Cap on evaluated sequences per split (unset: all).")
+    compare_parent: bool = Field(
+        True, description="Also measure the candidate's parent (lineage.json) when it is a causal LM: "
+        "`change_vs_parent` = candidate / parent - 1, what the promotion gate bounds.")
     compare_untrained: bool = Field(
         True, description="Also measure an untrained model of the same preset, as a sanity baseline."
     )
+
+
+class LMEvalSpec(Section):
+    """Tasks of the `lm-eval` harness on the exported model (offline: local task YAML and data files)."""
+
+    enabled: bool = Field(False, description="Run this suite.")
+    tasks: list[str] = Field(default_factory=list, description="Task (or group) names the harness resolves.")
+    include_path: str | None = Field(
+        None, description="Directory of task YAML files. Unset: the tasks packaged in raytrain/eval/tasks/.")
+    limit: int | None = Field(None, ge=1, description="Documents per task (unset: all).")
+    batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (unset: each task's own setting).")
+
+    @model_validator(mode="after")
+    def _check(self) -> LMEvalSpec:
+        if self.enabled and not self.tasks:
+            raise ValueError("enabled is true but tasks is empty; name at least one task (e.g. raytrain_demo_mc)")
+        return self
+
+
+class SamplingEvalSpec(Section):
+    """How responses are sampled on held-out prompts (shared by the suites that generate)."""
+
+    max_prompts: int = Field(32, ge=1, description="Held-out prompts sampled (the first ones, in file order).")
+    samples_per_prompt: int = Field(2, ge=1, description="Responses sampled per prompt.")
+    max_new_tokens: int = Field(48, ge=1, description="Longest response in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (top_k 0, top_p 1).")
+    seed: int = Field(0, description="Sampling seed: same seed, same responses.")
+    prompts_path: str | None = Field(
+        None, description="Held-out prompts: a JSONL of {\"prompt\": [messages]} (local or object store). Unset: "
+        "the embedded alignment demo's held-out prompts when the spec post-trains on it.")
+
+
+class WinRateSpec(SamplingEvalSpec):
+    """Reward-model win rate of the candidate over a baseline on held-out prompts (post-trained models)."""
+
+    enabled: bool = Field(True, description="Run this suite when a reward model and held-out prompts exist.")
+    baseline: str | None = Field(None, description="Baseline model directory. Unset: the candidate's parent.")
+    reward_model: str | None = Field(
+        None, description="Reward model directory (one-label sequence classifier). Unset: this spec's reward stage.")
+
+
+class AlignmentEvalSpec(SamplingEvalSpec):
+    """Ground-truth reward and KL to the SFT model, for the embedded alignment demo (hidden preference rule)."""
+
+    enabled: bool = Field(True, description="Run this suite when the spec's DPO data is the embedded demo.")
+    max_prompts: int = Field(64, ge=1, description="Held-out demo prompts sampled.")
+
+
+class OverfittingSpec(Section):
+    """Training vs held-out loss over a run's checkpoints (the Hugging Face export in each checkpoint's `hf/`).
+
+    Flag rule: with gap = held-out loss - training loss at each checkpoint (by step), a run is flagged when the gap
+    at its last checkpoint exceeds the smallest gap of any checkpoint by more than `max_gap_growth`.
+    """
+
+    enabled: bool = Field(True, description="Run this suite.")
+    stages: list[Literal["pretrain", "sft", "dpo"]] = Field(
+        default_factory=lambda: ["pretrain", "sft", "dpo"],
+        description="Runs to score, those this spec has (pretrain: LM loss; sft: response NLL; dpo: DPO loss with "
+        "the precomputed reference).")
+    max_sequences: int = Field(128, ge=1, description="Rows scored per split (train and held-out), per run.")
+    max_gap_growth: float = Field(
+        0.1, ge=0, description="Largest allowed rise (nats) of the held-out minus training loss gap, from its "
+        "smallest value over the checkpoints to the last checkpoint.")
+    batch_size: int = Field(32, ge=1, description="Rows per scoring batch.")
+
+
+class SafetyEvalSpec(SamplingEvalSpec):
+    """Share of sampled responses a toxicity classifier or the blocklist flags (raytrain.eval.safety)."""
+
+    enabled: bool = Field(True, description="Run this suite.")
+    max_prompts: int = Field(16, ge=1, description="Held-out prompts sampled.")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="Classifier probability at or above which a response is unsafe "
+        "(unset: the classifier's default).")
+
+
+class EvalSpec(Section):
+    """The `eval` stage: suites run on the candidate model; results go to its eval.json and eval.md."""
+
+    model_path: str | None = Field(
+        None, description="Model directory to evaluate (local or object store). Unset: the candidate, the model "
+        "this spec's last training stage exports (dpo, else sft, else pretrain).")
     use_gpu: bool | None = Field(
-        None, description="Score on GPUs (one per replica). Unset: the same as train.use_gpu."
+        None, description="Score on GPUs (one per replica or task). Unset: the same as train.use_gpu."
     )
     num_replicas: int = Field(
         1, ge=1, description="Model replicas scoring batches in parallel (Ray Data actors; one GPU each on GPU)."
     )
+    perplexity: PerplexityEvalSpec = Field(default_factory=PerplexityEvalSpec, description="Perplexity suite.")
+    lm_eval: LMEvalSpec = Field(default_factory=LMEvalSpec, description="lm-eval harness suite.")
+    win_rate: WinRateSpec = Field(default_factory=WinRateSpec, description="Reward-model win rate suite.")
+    alignment: AlignmentEvalSpec = Field(default_factory=AlignmentEvalSpec,
+                                         description="Ground-truth reward suite (embedded alignment demo).")
+    overfitting: OverfittingSpec = Field(default_factory=OverfittingSpec, description="Overfitting suite.")
+    safety: SafetyEvalSpec = Field(default_factory=SafetyEvalSpec, description="Generation safety suite.")
 
 
 class ServeAuthSpec(AuthConfig):
@@ -611,12 +732,51 @@ class ServeAuthSpec(AuthConfig):
     )
 
 
+class GateCheck(Section):
+    """One check of the promotion gate: a figure of the candidate's eval.json against a bound."""
+
+    metric: str = Field(
+        ..., pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-/]+)*$",
+        description="Dotted path into eval.json, e.g. perplexity.change_vs_parent, win_rate.win_rate, "
+        "lm_eval.raytrain_demo_mc.acc, safety.unsafe_rate, overfitting.flagged.")
+    min: float | None = Field(None, description="Smallest value that passes.")
+    max: float | None = Field(None, description="Largest value that passes.")
+    equals: bool | float | str | None = Field(None, description="The only value that passes (e.g. false).")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> GateCheck:
+        if self.min is None and self.max is None and self.equals is None:
+            raise ValueError(f"check {self.metric!r} states no bound: set min, max or equals")
+        if self.equals is not None and (self.min is not None or self.max is not None):
+            raise ValueError(f"check {self.metric!r}: equals excludes min and max")
+        return self
+
+
+class PromoteSpec(Section):
+    """The promotion gate: checks a candidate must pass to take `alias` (`raytrain models promote`, the pipeline)."""
+
+    enabled: bool = Field(True, description="The pipeline runs the gate after eval and promotes a candidate that "
+                          "passes (then serves the alias when serve.alias is set).")
+    alias: str = Field("champion", pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="Alias a passing candidate takes.")
+    checks: list[GateCheck] = Field(default_factory=list, description="Every check must pass; none: always passes.")
+    on_missing: Literal["fail", "skip"] = Field(
+        "fail", description="A check whose metric eval.json lacks: fail (refuse the promotion) or skip it.")
+
+
 class ServeSpec(Section):
     model_path: str | None = Field(
         None,
         description="Exported model directory to serve (local or object store). "
-        "Unset: the model this spec trains, models/<model.name>/<run_name>.",
+        "Unset: `alias` if set, else the model this spec's last training stage exported.",
     )
+    alias: str | None = Field(
+        None, pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        description="Serve the registry version this alias names (e.g. champion) instead of the newest export: "
+        "`raytrain models promote|rollback` move it, a redeploy (`raytrain serve`, `raytrain ops rollout --alias`) "
+        "follows. The model is `registry_model`.")
+    registry_model: SafeName | None = Field(
+        None, description="Registry model `alias` refers to. Unset: the model this spec's last training stage "
+        "exports (<model.name>-dpo, -sft, or model.name).")
     served_model_name: str | None = Field(None, description="Name clients pass as `model`. Unset: model.name.")
     host: str = Field("127.0.0.1", description="HTTP host of Ray Serve's proxy.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Ray Serve's proxy.")
@@ -672,6 +832,7 @@ class JobSpec(Section):
     reward: RewardStageSpec | None = Field(None, description="Reward-model stage (unset: the pipeline skips it).")
     dpo: DPOStageSpec | None = Field(None, description="DPO stage (unset: the pipeline skips it).")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation stage.")
+    promote: PromoteSpec = Field(default_factory=PromoteSpec, description="Promotion gate (registry aliases).")
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Serving stage.")
 
     @model_validator(mode="after")

@@ -1,17 +1,16 @@
-"""Perplexity of an exported model on a held-out split, computed where the data lives (Ray Data)."""
+"""Perplexity of an exported model on held-out data, computed where the data lives (Ray Data).
+
+The `perplexity` suite of the eval stage (raytrain.eval.suites) drives it."""
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any
 
 import numpy as np
 
 from raytrain import storage
-from raytrain.config.schema import JobSpec
-from raytrain.errors import StageInputError
 
 log = logging.getLogger(__name__)
 
@@ -65,44 +64,33 @@ def perplexity(ds: Any, model_dir: str, batch_size: int, untrained: bool = False
             "tokens": tokens}
 
 
-def default_model_dir(spec: JobSpec) -> str:
-    """The pretrained model: perplexity on the corpus's held-out split is a pretraining measure (a chat-tuned
-    model's web perplexity says how much of the corpus it forgot; point serve.model_path at it to measure that)."""
-    return storage.Layout(spec.storage.root).model(spec.model.name, spec.run_name)
+class NegLogLikelihoods:
+    """Ray Data UDF: several models' `NegLogLikelihood` on each batch (`nll_<i>`, `tokens_<i>`), so comparing a
+    model with its parent and an untrained baseline reads and batches the data once, on one pool of actors."""
+
+    def __init__(self, models: list[tuple[str, bool]], seed: int = 0, use_gpu: bool = False,
+                 dtype: str = "fp32") -> None:
+        self.scorers = [NegLogLikelihood(path, untrained, seed, use_gpu, dtype) for path, untrained in models]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for i, scorer in enumerate(self.scorers):
+            scored = scorer(batch)
+            out[f"nll_{i}"], out[f"tokens_{i}"] = scored["nll"], scored["tokens"]
+        return out
 
 
-def run_eval(spec: JobSpec, model_dir: str | None = None) -> dict[str, Any]:
-    """Measure perplexity on the held-out split; write eval.json next to the model."""
-
-    t0 = time.time()
-    layout = storage.Layout(spec.storage.root)
-    model_dir = model_dir or spec.serve.model_path or default_model_dir(spec)
-    if not storage.exists(storage.join(model_dir, "config.json")):
-        raise StageInputError(f"no exported model at {model_dir}: run the pretrain stage first")
-    split_dir = storage.join(layout.dataset(spec.data.name), spec.eval.split)
-    from raytrain.data.readers import read_prepared
-
-    ds = read_prepared(split_dir, columns=["input_ids", "num_tokens"])
-    if spec.eval.max_sequences:
-        ds = ds.limit(spec.eval.max_sequences)
-    use_gpu = spec.train.use_gpu if spec.eval.use_gpu is None else spec.eval.use_gpu
-    hw = {"use_gpu": use_gpu, "replicas": spec.eval.num_replicas, "dtype": spec.train.precision}
-    result: dict[str, Any] = {
-        "model_dir": model_dir,
-        "dataset": spec.data.name,
-        "split": spec.eval.split,
-        "device": "cuda" if use_gpu else "cpu",
-        "replicas": spec.eval.num_replicas,
-        **perplexity(ds, model_dir, spec.eval.batch_size, **hw),
-    }
-    if spec.eval.compare_untrained:
-        base = perplexity(ds, model_dir, spec.eval.batch_size, untrained=True, seed=spec.train.seed, **hw)
-        result["untrained_perplexity"] = base["perplexity"]
-        result["beats_untrained"] = result["perplexity"] < base["perplexity"]
-    result["seconds"] = round(time.time() - t0, 1)
-    eval_path = storage.join(model_dir, "eval.json")
-    earlier = storage.read_json(eval_path) if storage.exists(eval_path) else {}  # e.g. a post-training stage's
-    storage.write_json(eval_path, {**earlier, **result})
-    log.info("perplexity on %s: %.2f (untrained: %s)", spec.eval.split, result["perplexity"],
-             f"{result.get('untrained_perplexity', float('nan')):.2f}")
-    return result
+def perplexities(ds: Any, models: list[tuple[str, bool]], batch_size: int, seed: int = 0, use_gpu: bool = False,
+                 replicas: int = 1, dtype: str = "fp32") -> list[dict[str, float]]:
+    """`perplexity` of each (model_dir, untrained) of `models` over `ds`, in one pass over the data."""
+    scored = ds.map_batches(NegLogLikelihoods, fn_constructor_args=(models, seed, use_gpu, dtype),
+                            batch_size=batch_size, batch_format="numpy", concurrency=replicas,
+                            num_gpus=1 if use_gpu else 0)
+    cols = [f"{k}_{i}" for i in range(len(models)) for k in ("nll", "tokens")]
+    sums = scored.sum(cols)
+    out = []
+    for i in range(len(models)):
+        nll, tokens = float(sums[f"sum(nll_{i})"]), int(sums[f"sum(tokens_{i})"])
+        out.append({"perplexity": math.exp(nll / tokens) if tokens else float("nan"),
+                    "nll_per_token": nll / max(tokens, 1), "tokens": tokens})
+    return out
