@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -26,6 +26,10 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_PROMPT_CHARS = 200_000  # characters per prompt (or per chat conversation), checked before tokenizing
 MAX_MESSAGES = 256
+# Top alternatives per position a completion may ask for with `logprobs` (OpenAI allows 5, vLLM 20 by default).
+MAX_LOGPROBS = 20
+# Log-probabilities below this are reported as this value: JSON has no -Infinity (OpenAI and vLLM do the same).
+MIN_LOGPROB = -9999.0
 
 
 class APIError(Exception):
@@ -236,15 +240,54 @@ def _check_prompt_text(text: str, what: str) -> str:
     return text
 
 
-class CompletionRequest(SamplingRequest):
-    """`POST /v1/completions` body."""
+# A prompt given as token ids: each id must be a token of the model's vocabulary (checked against the model).
+TokenIds = list[Annotated[int, Field(ge=0)]]
 
-    prompt: str | list[str] = Field(
-        description=f"A prompt, or a list of up to {MAX_PROMPTS_PER_REQUEST} prompts; token-id prompts are not "
-        "supported."
+
+def _check_token_ids(value: list[Any], what: str) -> list[int]:
+    if not value:
+        raise ValueError(f"{what} must not be an empty list of token ids")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{what} has {len(value)} token ids, above this server's limit of {MAX_PROMPT_CHARS}")
+    for i, token in enumerate(value):
+        # bool is an int in Python, and JSON true/false are no token ids.
+        if type(token) is not int or token < 0:
+            raise ValueError(f"{what}[{i}] is {token!r}; token ids are non-negative integers")
+    return value
+
+
+class CompletionRequest(SamplingRequest):
+    """`POST /v1/completions` body.
+
+    Besides text, `prompt` may be token ids (one list, or a list of lists for a batch), as vLLM and the OpenAI API
+    accept them; with `echo` and `logprobs` the response scores the prompt itself, which is how evaluation
+    harnesses (lm-evaluation-harness `local-completions`) compute log-likelihoods: `max_tokens: 0, echo: true,
+    logprobs: 1` returns every prompt token with its log-probability under the model.
+    """
+
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description=f"A prompt, or a batch of up to {MAX_PROMPTS_PER_REQUEST} prompts: a string, a list of strings, "
+        "a list of token ids, or a list of lists of token ids. Each prompt gets `n` choices; choice `k*n + i` is "
+        "choice i of prompt k. Token ids must be below the model's vocabulary size (see `GET /tokenizer_info`, "
+        "`POST /tokenize`); an id out of range is a 400 naming its index."
     )
-    echo: bool = Field(False, description="Return the prompt in front of the completion.")
-    logprobs: int | None = Field(None, description="Not supported yet; only null is accepted.")
+    max_tokens: int = Field(
+        16, ge=0, description="Most tokens to generate per choice. 0 is allowed only with `echo` (scores the prompt)."
+    )
+    echo: bool = Field(
+        False,
+        description="Return the prompt in front of the completion; with `logprobs`, the prompt's tokens and their "
+        "log-probabilities come first in `logprobs` (the first prompt token has none: null).",
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description=f"Report log-probabilities: for every token the model produced (and with `echo`, every prompt "
+        f"token), its log-probability and the `logprobs` most likely tokens at that position, plus the chosen one "
+        f"(so up to logprobs+1 entries). 0 to {MAX_LOGPROBS}. Values are the model's own log-softmax in float32, "
+        f"before temperature or top_p; below {MIN_LOGPROB} they are reported as {MIN_LOGPROB}.",
+    )
     best_of: int | None = Field(None, ge=1, description="Only null or a value equal to `n` is accepted.")
     suffix: str | None = Field(None, description="Not supported yet; only null or '' is accepted.")
 
@@ -256,24 +299,27 @@ class CompletionRequest(SamplingRequest):
             if not value:
                 raise ValueError("prompt must not be empty")
             return _check_prompt_text(value, "prompt")
-        if isinstance(value, list) and all(isinstance(p, str) for p in value):
-            if not value:
-                raise ValueError("prompt must not be an empty list")
+        if not isinstance(value, list) or not value:
+            raise ValueError(
+                "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids "
+                "(and not empty)"
+            )
+        if all(isinstance(p, list) for p in value) or all(isinstance(p, str) for p in value):
             if len(value) > MAX_PROMPTS_PER_REQUEST:
                 raise ValueError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(value)}")
-            if any(not p for p in value):
-                raise ValueError("prompt must not contain empty strings")
-            for p in value:
-                _check_prompt_text(p, "a prompt")
+            for k, p in enumerate(value):
+                if isinstance(p, list):
+                    _check_token_ids(p, f"prompt[{k}]")
+                elif not p:
+                    raise ValueError("prompt must not contain empty strings")
+                else:
+                    _check_prompt_text(p, "a prompt")
             return value
-        raise ValueError("prompt must be a string or a list of strings (token-id prompts are not supported)")
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs_yet(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise ValueError("logprobs are not supported by this server yet; send null")
-        return value
+        if all(isinstance(p, int) for p in value):
+            return _check_token_ids(value, "prompt")
+        raise ValueError(
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids, not a mix"
+        )
 
     @field_validator("suffix")
     @classmethod
@@ -292,8 +338,32 @@ class CompletionRequest(SamplingRequest):
         return value
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each prompt as text or as token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]  # type: ignore[arg-type]  # one token-id prompt
+        return list(self.prompt)  # type: ignore[arg-type]
+
+
+class CompletionLogprobs(BaseModel):
+    """`choices[].logprobs` of a completion (OpenAI's legacy shape): four lists, one entry per token.
+
+    With `echo` the prompt's tokens come first. `text_offset[i]` is where token i starts, counted as the summed
+    lengths of the `tokens` strings before it in this choice (vLLM's convention; special tokens count with their
+    own text).
+    """
+
+    tokens: list[str] = Field(description="Each token's text on its own.")
+    token_logprobs: list[float | None] = Field(
+        description="Each token's log-probability given everything before it; null for the first prompt token."
+    )
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="Per position, the `logprobs` most likely tokens and the chosen one, {token text: logprob}; "
+        "null for the first prompt token."
+    )
+    text_offset: list[int] = Field(description="Character offset of each token (see above).")
 
 
 class CompletionChoice(BaseModel):
@@ -302,7 +372,7 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"] = Field(
         description="`stop`: end-of-text token or a stop sequence; `length`: hit max_tokens."
     )
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = Field(None, description="Set when the request asked for `logprobs`.")
 
 
 class Usage(BaseModel):
@@ -324,10 +394,13 @@ class CompletionResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
-    id: str
+    id: str = Field(description="The public model id, what requests pass as `model`.")
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "raytrain"
+    max_model_len: int | None = Field(None, description="Most tokens (prompt + completion) one sequence may hold.")
+    version: str | None = Field(None, description="The registry version served under this id, when configured.")
+    alias: str | None = Field(None, description="The registry alias (e.g. `champion`) it was resolved from.")
 
 
 class ModelList(BaseModel):
@@ -339,7 +412,9 @@ class CompletionStreamChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = Field(
+        None, description="The tokens this chunk covers; concatenated over a choice's chunks, the same as unstreamed."
+    )
 
 
 class CompletionChunk(BaseModel):
@@ -466,3 +541,88 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: Usage | None = None
+
+
+# ------------------------------------------------------------------------------------------ tokenization
+# The shapes of vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info` (same field names), which clients such as
+# lm-evaluation-harness (`tokenizer_backend=remote`) use to tokenize exactly as the server does.
+
+
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize` body: a text `prompt`, or chat `messages` rendered with the model's chat template first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, max_length=256, description="A model id; may be left out when the server serves one model."
+    )
+    prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="Text to tokenize (send this or `messages`)."
+    )
+    messages: list[ChatMessage] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        validate_default=True,
+        description="A conversation to render with the chat template, then tokenize (send this or `prompt`).",
+    )
+    add_special_tokens: bool | None = Field(
+        None,
+        description="Add the tokenizer's special tokens (e.g. BOS) as a completion would. Default: true for "
+        "`prompt`, false for `messages` (the chat template already writes them), as vLLM.",
+    )
+    add_generation_prompt: bool = Field(
+        True, description="With `messages`: end with the opening of the assistant's turn, as chat completions do."
+    )
+    return_token_strs: bool = Field(False, description="Also return each token's vocabulary string (`token_strs`).")
+
+    @field_validator("messages")
+    @classmethod
+    def _exactly_one_input(cls, value: list[ChatMessage] | None, info: ValidationInfo) -> list[ChatMessage] | None:
+        # `prompt` is declared first; it is absent from `data` only when it was itself invalid (already reported).
+        if "prompt" not in info.data:
+            return value
+        has_prompt = info.data["prompt"] is not None
+        if has_prompt == (value is not None):
+            raise ValueError("send exactly one of `prompt` and `messages`")
+        return value
+
+
+class TokenizeResponse(BaseModel):
+    count: int = Field(description="Number of tokens.")
+    max_model_len: int = Field(description="The model's context window in tokens.")
+    tokens: list[int] = Field(description="The token ids.")
+    token_strs: list[str] | None = Field(None, description="Each token's vocabulary string, if asked for.")
+
+
+class DetokenizeRequest(BaseModel):
+    """`POST /detokenize` body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, max_length=256, description="A model id; may be left out when the server serves one model."
+    )
+    tokens: TokenIds = Field(
+        max_length=MAX_PROMPT_CHARS, description="Token ids to turn into text (special tokens are kept)."
+    )
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str = Field(description="The text of the tokens.")
+
+
+class TokenizerInfoResponse(BaseModel):
+    """`GET /tokenizer_info`: the tokenizer's configuration, as its `tokenizer_config.json` holds it (file paths
+    left out), plus `tokenizer_class`. Fields beyond those listed come through as the tokenizer has them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tokenizer_class: str = Field(description="The transformers tokenizer class.")
+    eos_token: str | None = Field(None, description="End-of-text token.")
+    bos_token: str | None = Field(None, description="Beginning-of-text token, if the tokenizer has one.")
+    pad_token: str | None = Field(None, description="Padding token.")
+    chat_template: str | None = Field(None, description="The Jinja chat template, if the model has one.")
+    model_max_length: int | None = Field(
+        None, description="The tokenizer's length limit; the model's context window when the tokenizer sets none."
+    )

@@ -14,10 +14,11 @@ Deploy it with any of::
     serve.run(build_app({"models": [...]}))  # from Python
 
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both stream server-sent events
-with `stream: true`), `GET /health` (liveness) and `GET /ready` (readiness), and the OpenAPI document at
-`/openapi.json`. Every error leaves in OpenAI's shape (`{"error": {...}}`) so the `openai` client raises its
-typed exceptions; FastAPI's 422 for an invalid body becomes OpenAI's 400 (and the OpenAPI document declares
-that 400, not FastAPI's 422).
+with `stream: true`), the tokenizer routes `GET /tokenizer_info`, `POST /tokenize` and `POST /detokenize` (vLLM's
+shapes, which lm-evaluation-harness's `tokenizer_backend=remote` reads), `GET /health` (liveness) and `GET /ready`
+(readiness), and the OpenAPI document at `/openapi.json`. Every error leaves in OpenAI's shape
+(`{"error": {...}}`) so the `openai` client raises its typed exceptions; FastAPI's 422 for an invalid body becomes
+OpenAI's 400 (and the OpenAPI document declares that 400, not FastAPI's 422).
 
 Every request passes one ASGI middleware first: it checks the API key (when `auth.enabled`) before the body is
 read, and records the request count and latency metrics (see `serving.metrics`) once the last byte is sent. A
@@ -51,8 +52,13 @@ from serving.api import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
     from_validation_errors,
     server_error,
 )
@@ -60,6 +66,8 @@ from serving.auth import APIKeyAuth
 from serving.config import ServeAppConfig
 from serving.metrics import Metrics, NullMetrics
 from serving.service import CHAT_ROUTE, COMPLETIONS_ROUTE, OpenAIService
+
+TOKENIZE_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +107,7 @@ _STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
 # Paths that answer without an API key: probes (kubelet, load balancers) and the API description.
 OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 # Route label values; anything else is counted as "other" so that random URLs cannot grow the series count.
-METRIC_ROUTES = frozenset({COMPLETIONS_ROUTE, CHAT_ROUTE, "/v1/models", "/health", "/ready"})
+METRIC_ROUTES = frozenset({COMPLETIONS_ROUTE, CHAT_ROUTE, "/v1/models", "/health", "/ready", *TOKENIZE_ROUTES})
 
 
 BEARER_SCHEME = "HTTPBearer"
@@ -324,12 +332,17 @@ class OpenAIServer:
         body = self._service.health()
         return JSONResponse(status_code=200 if body["status"] == "ok" else 503, content=body)
 
-    @api.get("/v1/models", response_model=ModelList, responses=_ERROR_RESPONSES)
+    @api.get("/v1/models", response_model=ModelList, response_model_exclude_none=True, responses=_ERROR_RESPONSES)
     async def list_models(self) -> ModelList:
+        """The served models; each card has `max_model_len`, and `version` / `alias` when the config names them."""
         return self._service.list_models()
 
     @api.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM_RESPONSES)
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        """OpenAI's legacy completions. Beyond text prompts: token-id prompts (a list, or a list of lists),
+        `logprobs` (top-k per position, up to 20), `echo` (with `logprobs`, the prompt's tokens are scored too) and
+        `max_tokens: 0` with `echo` (score a text without generating): what evaluation harnesses send to compute
+        log-likelihoods."""
         self._label(request, body.model)
         if body.stream:
             return _event_stream(self._service.complete_stream(body, on_error=_stream_failed(request)))
@@ -345,6 +358,30 @@ class OpenAIServer:
         if body.stream:
             return _event_stream(self._service.chat_stream(body, on_error=_stream_failed(request)))
         return await self._service.chat(body)
+
+    @api.get("/tokenizer_info", response_model=TokenizerInfoResponse, responses=_ERROR_RESPONSES)
+    async def tokenizer_info(self, request: Request, model: str | None = None) -> TokenizerInfoResponse:
+        """The tokenizer's configuration (special tokens, chat template, length limit), as vLLM serves it.
+
+        `model` may be left out when the server serves one model."""
+        if model is not None:
+            self._label(request, model)
+        return self._service.tokenizer_info(model)
+
+    @api.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        """Token ids of a `prompt`, or of chat `messages` rendered with the model's chat template (vLLM's shape):
+        exactly what a completion or chat completion would feed the model."""
+        if body.model is not None:
+            self._label(request, body.model)
+        return self._service.tokenize(body)
+
+    @api.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES)
+    async def detokenize(self, body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        """The text of token ids (special tokens kept), as vLLM serves it."""
+        if body.model is not None:
+            self._label(request, body.model)
+        return self._service.detokenize(body)
 
     def _label(self, request: Request, model: str) -> None:
         # The metrics middleware reads this; only served names, so clients cannot mint new series.

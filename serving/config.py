@@ -36,6 +36,18 @@ class ModelEntry(BaseModel):
             "(tokenizer.json / tokenizer_config.json). URIs are copied to a local temp dir on each replica."
         ),
     )
+    version: str | None = Field(
+        None,
+        min_length=1,
+        description="The model registry version served under this name (e.g. `v3`), reported by `GET /v1/models` so "
+        "clients and evaluations can tell exactly which weights answered. Informational: `path` is what is loaded.",
+    )
+    alias: str | None = Field(
+        None,
+        min_length=1,
+        description="The registry alias this version was resolved from (e.g. `champion`), reported by "
+        "`GET /v1/models` beside `version`.",
+    )
 
 
 class AuthConfig(BaseModel):

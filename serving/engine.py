@@ -33,6 +33,21 @@ FinishReason = Literal["stop", "length"]
 IM_END = "<|im_end|>"
 
 
+# Log-probabilities below this are reported as this value: JSON cannot carry -inf (OpenAI and vLLM clip the same way).
+MIN_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position of a sequence: the token there, its log-probability given what precedes it, and the most likely
+    tokens at that position (the k asked for, then the token itself if it is not among them)."""
+
+    token_id: int
+    token: str  # the token's text on its own, special tokens shown
+    logprob: float | None  # None for a prompt's first token: nothing precedes it
+    top: tuple[tuple[str, float], ...] | None  # (text, logprob), most likely first; None where logprob is None
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     """One completion: the text returned to the client and the token counts billed for it."""
@@ -43,13 +58,33 @@ class GenerationResult:
     # that were cut from `text`: that is the work done, and what usage reports.
     completion_tokens: int
     finish_reason: FinishReason
+    # With `logprobs`: one entry per produced token (the same tokens as completion_tokens counts).
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    # With `prompt_logprobs`: one entry per prompt token, the first without a log-probability.
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
 class TextDelta:
-    """A piece of a completion's text, streamed as soon as it can no longer turn into a stop sequence."""
+    """A piece of a completion's text, streamed as soon as it can no longer turn into a stop sequence.
+
+    With `logprobs`, it carries the entries of the tokens produced since the previous delta: a token's entry travels
+    with the first text that includes it, and entries whose text never appears (an end-of-text token, a cut stop
+    sequence) come in a last delta with empty text.
+    """
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """With `prompt_logprobs`: the prompt's entries, streamed once before any text, as soon as the prompt is read."""
+
+    logprobs: tuple[TokenLogprob, ...]
+
+
+StreamItem = TextDelta | PromptLogprobs | GenerationResult
 
 
 class NoChatTemplateError(ValueError):
@@ -58,6 +93,14 @@ class NoChatTemplateError(ValueError):
 
 class InjectedFault(RuntimeError):
     """The failure a test asked for with :class:`~serving.config.FaultInjection`; never raised otherwise."""
+
+
+class TokenIdError(ValueError):
+    """A token-id prompt holds an id outside the model's vocabulary."""
+
+    def __init__(self, index: int, token: int, vocab_size: int) -> None:
+        self.index = index
+        super().__init__(f"token id {token} at index {index} is outside the vocabulary (ids 0 to {vocab_size - 1})")
 
 
 class ContextWindowError(ValueError):
@@ -79,9 +122,14 @@ class Engine(Protocol):
     """What the API layer needs from a model backend.
 
     `stream` is the serving path: an async iterator of :class:`TextDelta` ending with one
-    :class:`GenerationResult`, safe to run for many requests at once (the engine batches them).
-    `generate` is the same work, blocking, for callers without an event loop; it is safe to call from
-    several threads at once.
+    :class:`GenerationResult` (and, when prompt log-probabilities are asked for, one :class:`PromptLogprobs`
+    first), safe to run for many requests at once (the engine batches them). `generate` is the same work, blocking,
+    for callers without an event loop; it is safe to call from several threads at once.
+
+    A prompt is text or token ids. `logprobs=k` reports, for every produced token, its log-probability and the k
+    most likely tokens at its position; `prompt_logprobs=k` does the same for the prompt's tokens. Both are the
+    model's log-softmax in float32, before temperature and top-p. `max_tokens=0` reads the prompt and produces
+    nothing (finish reason `length`): with `prompt_logprobs`, that scores a text.
     """
 
     @property
@@ -89,12 +137,34 @@ class Engine(Protocol):
         """Most tokens (prompt + completion) one sequence may hold."""
         ...
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold are 0 … vocab_size - 1."""
+        ...
+
     def count_tokens(self, text: str) -> int:
         """Prompt tokens `generate` would feed the model for `text` (same special tokens)."""
         ...
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
-        """The prompt text for a conversation (`[{role, content}]`), ending where the assistant's turn starts.
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with `add_special_tokens`, exactly what a text prompt is fed to the model as."""
+        ...
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """The text of `token_ids`, special tokens kept (what echoing a token-id prompt shows)."""
+        ...
+
+    def token_strs(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id's string in the vocabulary (e.g. `Ġcat` for byte-level BPE)."""
+        ...
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """The tokenizer's configuration (its tokenizer_config.json, JSON-safe, no file paths) and class name."""
+        ...
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation (`[{role, content}]`), ending where the assistant's turn starts
+        (unless `add_generation_prompt` is false).
 
         Raises :class:`NoChatTemplateError` when the model has none.
         """
@@ -102,32 +172,37 @@ class Engine(Protocol):
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
         max_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> GenerationResult:
         """Complete `prompt`. temperature 0 is greedy; with a seed, sampling is reproducible.
 
         The returned text ends before the first stop sequence. Raises :class:`ContextWindowError` when
-        prompt tokens + max_tokens exceed `context_length`.
+        prompt tokens + max_tokens exceed `context_length`, :class:`TokenIdError` for an id outside the vocabulary.
         """
         ...
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
         max_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
-    ) -> AsyncIterator[TextDelta | GenerationResult]:
-        """`generate` as it happens: text deltas, then the final result (whose text is the whole completion).
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> AsyncIterator[StreamItem]:
+        """`generate` as it happens: prompt log-probabilities if asked for, text deltas, then the final result (whose
+        text is the whole completion).
 
         Raises :class:`ContextWindowError` before yielding anything when the request does not fit. Closing the
         iterator early cancels the generation.
@@ -175,8 +250,13 @@ class _Sequence:
     warpers: Any  # LogitsProcessorList, or None for greedy decoding
     generator: Any  # torch.Generator: each request samples from its own, so seeds never interfere
     stops: list[str]
-    emit: Callable[[TextDelta | GenerationResult | BaseException], None]
+    emit: Callable[[StreamItem | BaseException], None]
     detokenizer: IncrementalDetokenizer
+    logprobs: int | None = None  # top-k to report for each produced token; None: no log-probabilities
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
+    prompt_lps: tuple[TokenLogprob, ...] | None = None
+    lps: list[TokenLogprob] = field(default_factory=list)  # one per produced token, with `logprobs`
+    lps_sent: int = 0  # entries of `lps` already attached to a streamed delta
     produced: list[int] = field(default_factory=list)  # every sampled id, end-of-text included
     sent: list[str] = field(default_factory=list)  # text pieces already emitted as deltas, in order
     # Decoded text not yet emitted: at most the longest stop sequence minus one character, which could still turn
@@ -276,6 +356,11 @@ class TorchEngine:
         # Fast tokenizers may mutate their padding/truncation state per call: one caller at a time.
         self._tok_lock = threading.Lock()
         self._detok_decode = self._make_detok_decode()
+        self._token_text_decode = self._make_detok_decode(skip_special_tokens=False)
+        self._token_texts: dict[int, str] = {}  # id -> its text alone, filled as log-probabilities need them
+        # Ids the model can read and the tokenizer can write: an embedding padded beyond the tokenizer has rows
+        # no text maps to, and a tokenizer larger than the embedding would index past it.
+        self._vocab_size = min(len(self._tokenizer), int(self._model.get_input_embeddings().weight.shape[0]))
         self._cv = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._scheduler = threading.Thread(target=self._run, name="torch-engine-scheduler", daemon=True)
@@ -328,6 +413,10 @@ class TorchEngine:
     def context_length(self) -> int:
         return self._context_length
 
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
     def count_tokens(self, text: str) -> int:
         return len(self._encode(text))
 
@@ -335,33 +424,124 @@ class TorchEngine:
         with self._tok_lock:
             return list(self._tokenizer(text)["input_ids"])
 
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        with self._tok_lock:
+            return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        for i, token in enumerate(ids):
+            if not 0 <= token < self._vocab_size:
+                raise TokenIdError(i, token, self._vocab_size)
+        return ids
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self._token_text_decode(self._check_ids(token_ids))
+
+    def token_strs(self, token_ids: Sequence[int]) -> list[str]:
+        ids = self._check_ids(token_ids)
+        with self._tok_lock:
+            return [str(t) for t in self._tokenizer.convert_ids_to_tokens(ids)]
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        from transformers import AddedToken
+
+        def json_safe(value: Any) -> Any:
+            if isinstance(value, AddedToken):
+                return value.content
+            if isinstance(value, dict):
+                return {str(k): json_safe(v) for k, v in value.items() if _is_json_safe_or_container(v)}
+            if isinstance(value, (list, tuple)):
+                return [json_safe(v) for v in value if _is_json_safe_or_container(v)]
+            return value
+
+        config = dict(getattr(self._tokenizer, "init_kwargs", None) or {})
+        # File paths say where the replica keeps its copy (often a temp dir): no use to a client, and internal.
+        for key in ("vocab_file", "merges_file", "tokenizer_file", "name_or_path"):
+            config.pop(key, None)
+        info = {k: json_safe(v) for k, v in config.items() if _is_json_safe_or_container(v)}
+        info["tokenizer_class"] = type(self._tokenizer).__name__
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            # From the loaded tokenizer: a config may spell these as {"content": ...} objects, and clients want text.
+            value = getattr(self._tokenizer, name, None)
+            if value is not None:
+                info[name] = str(value)
+        template = getattr(self._tokenizer, "chat_template", None)
+        if isinstance(template, str):
+            info["chat_template"] = template
+        limit = info.get("model_max_length")
+        # Tokenizers without a limit carry a huge sentinel (int(1e30)) that many JSON readers cannot hold.
+        if not isinstance(limit, int) or not 0 < limit < 10_000_000:
+            info["model_max_length"] = self._context_length
+        return info
+
+    def _token_text(self, token: int) -> str:
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self._token_text_decode([token])
+        return text
+
+    def _entries(self, logprobs: Any, tokens: Sequence[int], k: int) -> list[TokenLogprob]:
+        """Reports for positions whose float32 log-softmax rows are `logprobs` (positions, vocab) and whose tokens
+        are `tokens`: one batched gather and top-k, then plain Python."""
+        import torch
+
+        index = torch.tensor(list(tokens), device=logprobs.device).unsqueeze(-1)  # (positions, 1)
+        chosen = logprobs.gather(-1, index).squeeze(-1).tolist()
+        if k > 0:
+            values, ids = logprobs.topk(k, dim=-1)  # (positions, k), most likely first
+            top_values, top_ids = values.tolist(), ids.tolist()
+        else:
+            top_values, top_ids = [[] for _ in tokens], [[] for _ in tokens]
+        out = []
+        for token, lp, values_i, ids_i in zip(tokens, chosen, top_values, top_ids, strict=True):
+            lp = max(lp, MIN_LOGPROB)
+            top = [(self._token_text(t), max(v, MIN_LOGPROB)) for t, v in zip(ids_i, values_i, strict=True)]
+            if token not in ids_i:
+                top.append((self._token_text(token), lp))  # OpenAI always reports the chosen token too
+            out.append(TokenLogprob(token, self._token_text(token), lp, tuple(top)))
+        return out
+
+    def _prompt_entries(self, logits: Any, ids: Sequence[int], k: int) -> tuple[TokenLogprob, ...]:
+        """Entries for a prompt from the logits over it, (len(ids), vocab): position i predicts token i + 1."""
+        import torch
+
+        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # (len(ids) - 1, vocab)
+        first = TokenLogprob(ids[0], self._token_text(ids[0]), None, None)
+        return (first, *self._entries(logprobs, ids[1:], k))
+
     def _new_detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self._detok_decode)
 
-    def _make_detok_decode(self) -> Callable[[Sequence[int]], str]:
+    def _make_detok_decode(self, skip_special_tokens: bool = True) -> Callable[[Sequence[int]], str]:
         """The decode function of the scheduler thread's detokenizers.
 
         A private copy of the Rust tokenizer: the scheduler decodes every step without waiting for (or blocking) the
-        request threads that encode prompts under `_tok_lock`. Special tokens are skipped, as in the API's output.
+        request threads that encode prompts under `_tok_lock`. Special tokens are skipped, as in the API's output
+        (kept with `skip_special_tokens=False`: the texts of single tokens in log-probability reports).
         """
         backend = getattr(self._tokenizer, "backend_tokenizer", None)
         if backend is not None:
             from tokenizers import Tokenizer
 
             private = Tokenizer.from_str(backend.to_str())
-            return lambda ids: private.decode(list(ids), skip_special_tokens=True)
+            return lambda ids: private.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
         def decode(ids: Sequence[int]) -> str:  # a slow (Python) tokenizer: shared, so under the lock
             with self._tok_lock:
-                return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+                return str(self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
         return decode
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not getattr(self._tokenizer, "chat_template", None):
             raise NoChatTemplateError(f"the tokenizer of {self.path} has no chat template")
         with self._tok_lock:
-            return str(self._tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+            return str(
+                self._tokenizer.apply_chat_template(
+                    list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            )
 
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -370,14 +550,16 @@ class TorchEngine:
 
     def _submit(
         self,
-        prompt: str,
-        emit: Callable[[TextDelta | GenerationResult | BaseException], None],
+        prompt: str | Sequence[int],
+        emit: Callable[[StreamItem | BaseException], None],
         *,
         max_tokens: int,
         temperature: float,
         top_p: float,
         seed: int | None,
         stop: Sequence[str],
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> _Sequence:
         import torch
         from transformers.generation.logits_process import (
@@ -386,9 +568,12 @@ class TorchEngine:
             TopPLogitsWarper,
         )
 
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        ids = self._encode(prompt)
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and not 0 <= k <= self._vocab_size:
+                raise ValueError(f"{name} must be between 0 and the vocabulary size, got {k}")
+        ids = self._encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         if not ids:
             raise ValueError("the prompt encodes to no tokens")
         if len(ids) + max_tokens > self._context_length:
@@ -405,8 +590,20 @@ class TorchEngine:
             generator.manual_seed(seed % 2**64)  # manual_seed takes an unsigned 64-bit value
         else:
             generator.seed()
-        seq = _Sequence(ids, max_tokens, warpers, generator, [s for s in stop if s], emit, self._new_detokenizer())
-        seq.faulty = self._fault is not None and self._fault.prompt_marker in prompt
+        seq = _Sequence(
+            ids,
+            max_tokens,
+            warpers,
+            generator,
+            [s for s in stop if s],
+            emit,
+            self._new_detokenizer(),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+        if self._fault is not None:
+            text = prompt if isinstance(prompt, str) else self._detok_decode(ids)
+            seq.faulty = self._fault.prompt_marker in text
         with self._cv:
             self._waiting.append(seq)
             self._cv.notify()
@@ -414,16 +611,28 @@ class TorchEngine:
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
         max_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> GenerationResult:
-        out: queue.SimpleQueue[TextDelta | GenerationResult | BaseException] = queue.SimpleQueue()
-        self._submit(prompt, out.put, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+        out: queue.SimpleQueue[StreamItem | BaseException] = queue.SimpleQueue()
+        self._submit(
+            prompt,
+            out.put,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
         while True:
             item = out.get()
             if isinstance(item, BaseException):
@@ -433,22 +642,32 @@ class TorchEngine:
 
     async def stream(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
         max_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
-    ) -> AsyncIterator[TextDelta | GenerationResult]:
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> AsyncIterator[StreamItem]:
         loop = asyncio.get_running_loop()
-        out: asyncio.Queue[TextDelta | GenerationResult | BaseException] = asyncio.Queue()
+        out: asyncio.Queue[StreamItem | BaseException] = asyncio.Queue()
 
-        def emit(item: TextDelta | GenerationResult | BaseException) -> None:
+        def emit(item: StreamItem | BaseException) -> None:
             loop.call_soon_threadsafe(out.put_nowait, item)
 
         seq = self._submit(
-            prompt, emit, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop
+            prompt,
+            emit,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         try:
             while True:
@@ -600,6 +819,16 @@ class TorchEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)  # (batch, longest)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first real token
         out, logits, greedy = self._forward(seqs, input_ids=ids, attention_mask=mask, position_ids=positions)
+        for row, seq in enumerate(seqs):
+            if seq.prompt_logprobs is None or seq.cancelled:
+                continue
+            try:
+                own = out.logits[row, longest - len(seq.prompt_ids) :]  # (prompt, vocab): this row, padding dropped
+                seq.prompt_lps = self._prompt_entries(own, seq.prompt_ids, seq.prompt_logprobs)
+                _safe_emit(seq, PromptLogprobs(seq.prompt_lps))
+            except Exception as exc:  # this row's report: its own failure, not its neighbours'
+                logger.exception("prompt log-probabilities failed for one request; failing it alone")
+                self._fail([seq], exc)
         batch = _Batch(seqs, out.past_key_values, mask, None, mask.sum(-1, keepdim=True))
         return self._sample_and_prune(batch, logits, greedy)
 
@@ -626,11 +855,20 @@ class TorchEngine:
         for row, seq in enumerate(batch.seqs):
             token = self._pad_id  # what a failed row feeds until it is dropped below
             try:
+                if seq.max_tokens == 0:  # only the prompt was wanted (scored at prefill): done without sampling
+                    if not seq.cancelled:
+                        self._finish(seq, "length")
+                    next_ids.append(token)
+                    continue
                 if seq.warpers is None:
                     token = greedy[row]
                 else:
                     scores = seq.warpers(_NO_INPUT_IDS, logits[row : row + 1])  # (1, vocab), filtered at -inf
                     token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=seq.generator).item())
+                if seq.logprobs is not None:
+                    # The raw distribution (before temperature / top-p), as OpenAI and vLLM report it.
+                    row_logprobs = torch.log_softmax(logits[row : row + 1], dim=-1)  # (1, vocab)
+                    seq.lps.extend(self._entries(row_logprobs, [token], seq.logprobs))
                 if not seq.cancelled and not self._advance(seq, token):
                     keep.append(row)
             except Exception as exc:  # this row's sampling or text: its own failure, not its neighbours'
@@ -710,6 +948,12 @@ class TorchEngine:
         if pending:
             self._send(seq, pending)
         seq.pending = ""
+        self._finish(seq, finish)
+        return True
+
+    def _finish(self, seq: _Sequence, finish: FinishReason) -> None:
+        if seq.lps_sent < len(seq.lps):  # tokens whose text never showed: an end-of-text token, a cut stop sequence
+            self._send(seq, "")
         _safe_emit(
             seq,
             GenerationResult(
@@ -717,27 +961,36 @@ class TorchEngine:
                 prompt_tokens=len(seq.prompt_ids),
                 completion_tokens=len(seq.produced),
                 finish_reason=finish,
+                logprobs=tuple(seq.lps) if seq.logprobs is not None else None,
+                prompt_logprobs=seq.prompt_lps,
             ),
         )
-        return True
 
     @staticmethod
     def _send(seq: _Sequence, text: str) -> None:
         seq.sent.append(text)
-        _safe_emit(seq, TextDelta(text))
+        entries = tuple(seq.lps[seq.lps_sent :])
+        seq.lps_sent = len(seq.lps)
+        _safe_emit(seq, TextDelta(text, entries))
 
 
 class _ForwardFailed(Exception):
     """A forward pass raised (the cause is chained); nothing was sampled or streamed for its rows yet."""
 
 
-def _safe_emit(seq: _Sequence, item: TextDelta | GenerationResult | BaseException) -> None:
+def _safe_emit(seq: _Sequence, item: StreamItem | BaseException) -> None:
     # The consumer's event loop may be gone (the client hung up and the replica moved on): drop the row, not the
     # scheduler.
     try:
         seq.emit(item)
     except RuntimeError:
         seq.cancelled = True
+
+
+def _is_json_safe_or_container(value: Any) -> bool:
+    from transformers import AddedToken
+
+    return value is None or isinstance(value, (str, int, float, bool, list, tuple, dict, AddedToken))
 
 
 # Stands in for `input_ids` in the warpers used here (temperature, top-p), which never read it.

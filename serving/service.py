@@ -32,21 +32,38 @@ from serving.api import (
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
     ChatDelta,
+    ChatMessage,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamChoice,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
     SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
     Usage,
     invalid_request,
     model_not_found,
     server_error,
 )
-from serving.config import ServeAppConfig
-from serving.engine import ContextWindowError, Engine, GenerationResult, NoChatTemplateError, TextDelta, load_engine
+from serving.config import ModelEntry, ServeAppConfig
+from serving.engine import (
+    ContextWindowError,
+    Engine,
+    GenerationResult,
+    NoChatTemplateError,
+    PromptLogprobs,
+    TextDelta,
+    TokenIdError,
+    TokenLogprob,
+    load_engine,
+)
 from serving.metrics import Metrics, NullMetrics
 
 logger = logging.getLogger(__name__)
@@ -60,9 +77,31 @@ class _Job:
     """One choice to generate: which prompt, which choice number, and its seed."""
 
     index: int  # the choice's index in the response
-    prompt: str
+    prompt: str | list[int]  # text, or token ids
     prefix: str  # text put in front of the completion (the prompt, for echo)
     seed: int | None
+
+
+class _LogprobsWriter:
+    """Turns one choice's :class:`TokenLogprob` entries into OpenAI's `logprobs` lists, chunk after chunk.
+
+    `text_offset` counts the lengths of the token strings before each token in the choice (vLLM's convention), so it
+    runs on across the chunks of a stream.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def write(self, entries: Sequence[TokenLogprob]) -> CompletionLogprobs:
+        out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        for entry in entries:
+            out.tokens.append(entry.token)
+            out.token_logprobs.append(entry.logprob)
+            # Two ids may share a text (e.g. halves of one UTF-8 character): the dict keeps the first, most likely.
+            out.top_logprobs.append(None if entry.top is None else dict(reversed(entry.top)))
+            out.text_offset.append(self.offset)
+            self.offset += len(entry.token)
+        return out
 
 
 def sse(payload: str) -> str:
@@ -80,10 +119,12 @@ class OpenAIService:
         max_tokens_limit: int,
         created: int | None = None,
         metrics: Metrics | None = None,
+        entries: Mapping[str, ModelEntry] | None = None,
     ) -> None:
         if not engines:
             raise ValueError("OpenAIService needs at least one engine")
         self._engines = dict(engines)
+        self._entries = dict(entries or {})  # where /v1/models finds each model's version and alias
         self._max_tokens_limit = max_tokens_limit
         self._created = int(time.time()) if created is None else created
         self.metrics: Metrics = metrics or NullMetrics()
@@ -101,7 +142,8 @@ class OpenAIService:
                 fault_injection=config.fault_injection,
             )
             logger.info("model %s ready from %s in %.1fs", entry.name, entry.path, time.monotonic() - started)
-        return cls(engines, max_tokens_limit=config.max_tokens_limit, metrics=metrics)
+        entries = {entry.name: entry for entry in config.models}
+        return cls(engines, max_tokens_limit=config.max_tokens_limit, metrics=metrics, entries=entries)
 
     def report_queue_depth_every(self, interval_s: float) -> threading.Thread:
         """Keep the queue-depth gauge fresh from a daemon thread.
@@ -131,7 +173,19 @@ class OpenAIService:
         return {"status": "ok" if self.is_healthy() else "loading", "models": self.model_names}
 
     def list_models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=name, created=self._created) for name in self._engines])
+        cards = []
+        for name, engine in self._engines.items():
+            entry = self._entries.get(name)
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=self._created,
+                    max_model_len=engine.context_length,
+                    version=entry.version if entry else None,
+                    alias=entry.alias if entry else None,
+                )
+            )
+        return ModelList(data=cards)
 
     def engine_for(self, model: str) -> Engine:
         engine = self._engines.get(model)
@@ -139,7 +193,7 @@ class OpenAIService:
             raise model_not_found(model)
         return engine
 
-    def check_limits(self, engine: Engine, prompts: Sequence[str], max_tokens: int) -> list[int]:
+    def check_limits(self, engine: Engine, prompts: Sequence[str | Sequence[int]], max_tokens: int) -> list[int]:
         """Reject what cannot run before any work starts; returns each prompt's token count."""
         if max_tokens > self._max_tokens_limit:
             raise invalid_request(
@@ -148,7 +202,7 @@ class OpenAIService:
             )
         counts = []
         for prompt in prompts:
-            n_tokens = engine.count_tokens(prompt)
+            n_tokens = engine.count_tokens(prompt) if isinstance(prompt, str) else len(prompt)
             if n_tokens + max_tokens > engine.context_length:
                 # Name the prompt when it alone leaves no room; otherwise asking for fewer tokens would fix it.
                 param = "prompt" if n_tokens >= engine.context_length else "max_tokens"
@@ -162,30 +216,97 @@ class OpenAIService:
             counts.append(n_tokens)
         return counts
 
+    # -------------------------------------------------------------------------------------- tokenization
+
+    def _engine_or_only(self, model: str | None) -> Engine:
+        """The named model's engine; with no name, the only one served (vLLM's endpoints take no model either)."""
+        if model is not None:
+            return self.engine_for(model)
+        if len(self._engines) == 1:
+            return next(iter(self._engines.values()))
+        raise invalid_request(
+            f"This server serves several models ({', '.join(self._engines)}); name one with `model`.", param="model"
+        )
+
+    def tokenizer_info(self, model: str | None = None) -> TokenizerInfoResponse:
+        """`GET /tokenizer_info`."""
+        return TokenizerInfoResponse.model_validate(self._engine_or_only(model).tokenizer_info())
+
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """`POST /tokenize`: the ids a completion (`prompt`) or a chat completion (`messages`) would be fed."""
+        engine = self._engine_or_only(request.model)
+        if request.messages is not None:
+            text = self._render_chat(engine, request.model, request.messages, request.add_generation_prompt)
+            add_special = bool(request.add_special_tokens)  # default false: the template writes its own
+        else:
+            text = request.prompt or ""
+            add_special = request.add_special_tokens is not False
+        ids = engine.tokenize(text, add_special_tokens=add_special)
+        strs = engine.token_strs(ids) if request.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=engine.context_length, tokens=ids, token_strs=strs)
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """`POST /detokenize`."""
+        engine = self._engine_or_only(request.model)
+        self._check_token_ids(engine, request.tokens, "tokens", "tokens")
+        return DetokenizeResponse(prompt=engine.detokenize(request.tokens))
+
+    @staticmethod
+    def _render_chat(
+        engine: Engine, model: str | None, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+    ) -> str:
+        turns = [{"role": m.role, "content": m.text} for m in messages]
+        try:
+            if add_generation_prompt:  # the chat completions call, which every engine answers
+                return engine.apply_chat_template(turns)
+            return engine.apply_chat_template(turns, add_generation_prompt=False)
+        except NoChatTemplateError:
+            name = f"The model '{model}'" if model else "This model"
+            raise invalid_request(
+                f"{name} has no chat template; use /v1/completions with it.",
+                param="model",
+                code="chat_template_missing",
+            ) from None
+
     # ------------------------------------------------------------------------------------ preparing work
+
+    @staticmethod
+    def _check_token_ids(engine: Engine, ids: Sequence[int], param: str, where: str) -> None:
+        vocab = engine.vocab_size
+        for i, token in enumerate(ids):
+            if token >= vocab:
+                raise invalid_request(
+                    f"Invalid token id {token} at {where}[{i}]: this model's vocabulary has ids 0 to {vocab - 1}.",
+                    param=param,
+                    code="invalid_token_id",
+                )
 
     def _completion_jobs(self, request: CompletionRequest) -> tuple[Engine, list[_Job], int]:
         engine = self.engine_for(request.model)
-        counts = self.check_limits(engine, request.prompts, request.max_tokens)
+        if request.max_tokens == 0 and not request.echo:
+            # Nothing would come back: 0 is for scoring a prompt, which echo returns (OpenAI and vLLM agree).
+            raise invalid_request("max_tokens may be 0 only with echo: true (to score the prompt).", param="max_tokens")
+        prompts = request.prompts
+        single = isinstance(request.prompt, list) and isinstance(request.prompt[0], int)  # one token-id prompt
+        for k, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                self._check_token_ids(engine, prompt, "prompt", "prompt" if single else f"prompt[{k}]")
+        counts = self.check_limits(engine, prompts, request.max_tokens)
         jobs = []
-        for prompt in request.prompts:
+        for prompt in prompts:
+            prefix = ""
+            if request.echo:
+                # A token-id prompt is echoed as its text, special tokens included, as vLLM does.
+                prefix = prompt if isinstance(prompt, str) else engine.detokenize(prompt)
             for i in range(request.n):
                 # OpenAI numbers choices across prompts: prompt k's choices are k*n … k*n+n-1.
                 seed = None if request.seed is None else request.seed + i
-                jobs.append(_Job(len(jobs), prompt, prompt if request.echo else "", seed))
+                jobs.append(_Job(len(jobs), prompt, prefix, seed))
         return engine, jobs, sum(counts)
 
     def _chat_jobs(self, request: ChatCompletionRequest) -> tuple[Engine, list[_Job], int]:
         engine = self.engine_for(request.model)
-        messages = [{"role": m.role, "content": m.text} for m in request.messages]
-        try:
-            prompt = engine.apply_chat_template(messages)
-        except NoChatTemplateError:
-            raise invalid_request(
-                f"The model '{request.model}' has no chat template; use /v1/completions with it.",
-                param="model",
-                code="chat_template_missing",
-            ) from None
+        prompt = self._render_chat(engine, request.model, request.messages)
         (count,) = self.check_limits(engine, [prompt], request.max_tokens)
         seeds = [None if request.seed is None else request.seed + i for i in range(request.n)]
         return engine, [_Job(i, prompt, "", seed) for i, seed in enumerate(seeds)], count
@@ -198,14 +319,22 @@ class OpenAIService:
         request: SamplingRequest,
         route: str,
         jobs: Sequence[_Job],
-        on_delta: Callable[[int, str], None] | None = None,
+        on_delta: Callable[[int, TextDelta], None] | None = None,
+        on_prompt: Callable[[int, PromptLogprobs], None] | None = None,
     ) -> list[GenerationResult]:
-        """Generate every job at once (the engine batches them); `on_delta(index, text)` sees text as it comes.
+        """Generate every job at once (the engine batches them); `on_delta(index, delta)` sees text as it comes, and
+        `on_prompt(index, prompt_logprobs)` the scored prompt (completions with echo and logprobs).
 
         If one job fails, the others are cancelled (their engine rows freed) before the error is raised.
         """
         started = time.monotonic()
         first = True
+        extra: dict[str, Any] = {}
+        if isinstance(request, CompletionRequest) and request.logprobs is not None:
+            # Passed only when asked for, so that engines without log-probabilities serve everything else.
+            extra["logprobs"] = request.logprobs
+            if request.echo:
+                extra["prompt_logprobs"] = request.logprobs
 
         async def one(job: _Job) -> GenerationResult:
             nonlocal first
@@ -217,19 +346,26 @@ class OpenAIService:
                     top_p=request.top_p,
                     seed=job.seed,
                     stop=request.stop_sequences,
+                    **extra,
                 ):
+                    if isinstance(item, PromptLogprobs):  # read the prompt; nothing generated yet
+                        if on_prompt is not None:
+                            on_prompt(job.index, item)
+                        continue
                     if first:  # first output of any choice, even an empty completion's final result
                         first = False
                         ttft = time.monotonic() - started
                         self.metrics.first_token(model=request.model, route=route, ttft_s=ttft)
                     if isinstance(item, TextDelta):
                         if on_delta is not None:
-                            on_delta(job.index, item.text)
+                            on_delta(job.index, item)
                     else:
                         return item
             except ContextWindowError as exc:
                 # count_tokens and generate disagreed; still the client's limit, not a server fault.
                 raise invalid_request(str(exc), param="prompt", code="context_length_exceeded") from exc
+            except TokenIdError as exc:  # checked before; an engine with a smaller vocabulary than it reported
+                raise invalid_request(str(exc), param="prompt", code="invalid_token_id") from exc
             except (APIError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -259,10 +395,16 @@ class OpenAIService:
         """`POST /v1/completions` without streaming: every choice of every prompt generated together."""
         engine, jobs, prompt_tokens = self._completion_jobs(request)
         results = await self._run(engine, request, COMPLETIONS_ROUTE, jobs)
-        choices = [
-            CompletionChoice(index=job.index, text=job.prefix + r.text, finish_reason=r.finish_reason)
-            for job, r in zip(jobs, results, strict=True)
-        ]
+        choices = []
+        for job, r in zip(jobs, results, strict=True):
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = _LogprobsWriter().write([*(r.prompt_logprobs or ()), *(r.logprobs or ())])
+            choices.append(
+                CompletionChoice(
+                    index=job.index, text=job.prefix + r.text, finish_reason=r.finish_reason, logprobs=logprobs
+                )
+            )
         return CompletionResponse(model=request.model, choices=choices, usage=self._usage(prompt_tokens, results))
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
@@ -288,13 +430,21 @@ class OpenAIService:
         """
         engine, jobs, prompt_tokens = self._completion_jobs(request)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        with_logprobs = request.logprobs is not None
+        writers = {job.index: _LogprobsWriter() for job in jobs}
+        prefix_of = {job.index: job.prefix for job in jobs}
 
         def chunk(choices: list[CompletionStreamChoice], usage: Usage | None = None) -> str:
             body = CompletionChunk(id=cid, created=created, model=request.model, choices=choices, usage=usage)
             return body.model_dump_json(exclude_none=not request.include_usage_chunk)
 
-        def on_text(index: int, text: str) -> str:
-            return chunk([CompletionStreamChoice(index=index, text=text)])
+        def on_text(index: int, delta: TextDelta) -> str:
+            logprobs = writers[index].write(delta.logprobs) if with_logprobs else None
+            return chunk([CompletionStreamChoice(index=index, text=delta.text, logprobs=logprobs)])
+
+        def on_prompt(index: int, prompt: PromptLogprobs) -> str:
+            # The echoed prompt goes out with its log-probabilities, once the engine has read it.
+            return on_text(index, TextDelta(prefix_of[index], prompt.logprobs))
 
         def on_done(job: _Job, result: GenerationResult) -> str:
             return chunk([CompletionStreamChoice(index=job.index, text="", finish_reason=result.finish_reason)])
@@ -302,8 +452,20 @@ class OpenAIService:
         def on_usage(results: Sequence[GenerationResult]) -> str:
             return chunk([], self._usage(prompt_tokens, results))
 
-        prefixes = {job.index: job.prefix for job in jobs if job.prefix}
-        return self._stream(engine, request, COMPLETIONS_ROUTE, jobs, on_text, on_done, on_usage, prefixes, on_error)
+        # Without log-probabilities the echoed prompt needs nothing from the engine: send it at once.
+        prefixes = {} if with_logprobs else {job.index: job.prefix for job in jobs if job.prefix}
+        return self._stream(
+            engine,
+            request,
+            COMPLETIONS_ROUTE,
+            jobs,
+            on_text,
+            on_done,
+            on_usage,
+            prefixes,
+            on_error,
+            on_prompt=on_prompt if with_logprobs and request.echo else None,
+        )
 
     def chat_stream(
         self, request: ChatCompletionRequest, on_error: Callable[[APIError], None] | None = None
@@ -324,11 +486,11 @@ class OpenAIService:
                 data.pop("usage")
             return json.dumps(data, ensure_ascii=False)
 
-        def on_text(index: int, text: str) -> str:
+        def on_text(index: int, delta: TextDelta) -> str:
             # The first chunk of each choice names the role, as OpenAI's do.
             role = None if index in started else "assistant"
             started.add(index)
-            return chunk([ChatCompletionStreamChoice(index=index, delta=ChatDelta(role=role, content=text))])
+            return chunk([ChatCompletionStreamChoice(index=index, delta=ChatDelta(role=role, content=delta.text))])
 
         def on_done(job: _Job, result: GenerationResult) -> str:
             role = None if job.index in started else "assistant"
@@ -346,20 +508,30 @@ class OpenAIService:
         request: SamplingRequest,
         route: str,
         jobs: Sequence[_Job],
-        on_text: Callable[[int, str], str],
+        on_text: Callable[[int, TextDelta], str],
         on_done: Callable[[_Job, GenerationResult], str],
         on_usage: Callable[[Sequence[GenerationResult]], str],
         prefixes: Mapping[int, str],
         on_error: Callable[[APIError], None] | None = None,
+        on_prompt: Callable[[int, PromptLogprobs], str] | None = None,
     ) -> AsyncIterator[str]:
         events: asyncio.Queue[str | None] = asyncio.Queue()
         for index, prefix in prefixes.items():
-            events.put_nowait(on_text(index, prefix))
+            events.put_nowait(on_text(index, TextDelta(prefix)))
+
+        def prompt_event(index: int, prompt: PromptLogprobs) -> None:
+            if on_prompt is not None:
+                events.put_nowait(on_prompt(index, prompt))
 
         async def produce() -> list[GenerationResult]:
             try:
                 results = await self._run(
-                    engine, request, route, jobs, lambda i, text: events.put_nowait(on_text(i, text))
+                    engine,
+                    request,
+                    route,
+                    jobs,
+                    lambda i, delta: events.put_nowait(on_text(i, delta)),
+                    prompt_event if on_prompt is not None else None,
                 )
                 for job, result in zip(jobs, results, strict=True):
                     events.put_nowait(on_done(job, result))

@@ -207,7 +207,7 @@ def test_recipes_that_bind_all_interfaces_require_keys_and_deploy_with_them() ->
     from raytrain.deploy import app_args
 
     for recipe in ("125m", "1b"):
-        spec = load_spec(recipe)
+        spec = load_spec(recipe, ["serve.model_path=s3://bucket/models/m/3"])  # no registry lookup on s3
         assert spec.serve.host == "0.0.0.0"
         auth = ServeAppConfig.load(app_args(spec)).auth  # what the replicas receive
         assert (auth.enabled, auth.keys_env) == (True, "RAYTRAIN_API_KEYS"), recipe
@@ -522,7 +522,7 @@ def test_validation_errors_name_the_param() -> None:
     cases = {
         "temperature": {"model": MODEL, "prompt": "x", "temperature": 2.5},
         "top_p": {"model": MODEL, "prompt": "x", "top_p": 0},
-        "prompt": {"model": MODEL, "prompt": [[1, 2]]},
+        "prompt": {"model": MODEL, "prompt": [[1, "2"]]},
         "stop": {"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
         "stream_options": {"model": MODEL, "prompt": "x", "stream": True, "stream_options": {"usage": True}},
         "seed": {"model": MODEL, "prompt": "x", "seed": 2**64},
@@ -734,7 +734,7 @@ def test_bad_requests_get_openai_errors(
         "max_tokens_zero": {"model": MODEL, "prompt": "hi", "max_tokens": 0},
         "negative_temperature": {"model": MODEL, "prompt": "hi", "temperature": -0.5},
         "empty_prompt": {"model": MODEL, "prompt": ""},
-        "token_id_prompt": {"model": MODEL, "prompt": [1, 2, 3]},
+        "token_id_prompt": {"model": MODEL, "prompt": [1, 2, 10**9]},  # token-id prompts work; unknown ids do not
         "prompt_too_long": {"model": MODEL, "prompt": _long_prompt(engine)},
         "prompt_plus_max_tokens_too_long": {"model": MODEL, "prompt": fits_alone, "max_tokens": MAX_TOKENS_LIMIT},
         "unknown_parameter": {"model": MODEL, "prompt": "hi", "best_of_luck": True},
