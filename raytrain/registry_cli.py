@@ -138,6 +138,9 @@ def promote(name: Annotated[str | None, typer.Argument(help="Model (default: the
     from raytrain.promotion import promote as do_promote
     from raytrain.registry import candidate_model_name, exported_version, last_stage
 
+    for arg in (name, version):
+        if arg and "=" in arg:
+            _fail(f"{arg!r} looks like a spec override: give overrides with --set {arg}", 2)
     spec = _spec(config, overrides)
     reg = _registry(root, spec)
     gate = spec.promote if spec is not None else PromoteSpec()

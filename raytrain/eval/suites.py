@@ -234,7 +234,8 @@ class WinRateSuite(Suite):
         return {**result, "baseline": baseline, "reward_model": reward, "prompts": path}
 
     def summary(self, result: dict[str, Any]) -> str:
-        return (f"{result['win_rate']:.2f} over {Path(result['baseline']).name} ({result['wins']} wins, "
+        base = Path(result["baseline"])
+        return (f"{result['win_rate']:.2f} over {base.parent.name}/{base.name} ({result['wins']} wins, "
                 f"{result['ties']} ties of {result['n']}; reward {result['candidate_reward_mean']:+.3f} vs "
                 f"{result['baseline_reward_mean']:+.3f})")
 
@@ -505,7 +506,4 @@ def print_summary(doc: dict[str, Any], suites: tuple[Suite, ...] = SUITES) -> No
         line = f"skipped ({info['skipped']})" if "skipped" in info else suite.summary(doc[suite.name])
         lines.append(f"  {suite.name:12s} {line}")
     print("\n".join(lines), flush=True)
-    if "alignment" in doc:
-        print("\nalignment (hidden preference rule of the embedded demo):" + format_alignment(doc["alignment"]),
-              flush=True)
     log.debug("eval document: %s", json.dumps(doc, default=str)[:2000])
