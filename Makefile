@@ -1,5 +1,5 @@
 # raytrain: `make demo` runs the demo pipeline, `make test` runs the test suite.
-# Both create .venv and install what they need on first use (Python >= 3.10 and make are all it takes).
+# Both create .venv and install what they need on first use (Python >= 3.11 and make are all it takes).
 
 PYTHON ?= python3
 VENV   ?= .venv
