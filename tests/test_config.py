@@ -48,6 +48,8 @@ def _write(tmp_path: Path, tree: dict) -> Path:
         ({"trian": {}}, ["trian", "unknown key", "train"]),
         ({"data": {"source": {"kind": "files"}}}, ["data.source", "paths"]),
         ({"train": {"precision": "fp16"}}, ["train", "fp16", "use_gpu"]),
+        ({"data": {"filters": {"toxicity": {"threshold": 1.5}}}}, ["data.filters.toxicity.threshold", "1.5",
+                                                                    "less than 1"]),
     ],
 )
 def test_bad_specs_name_key_value_and_allowed(tmp_path: Path, tree: dict, must_name: list[str]) -> None:

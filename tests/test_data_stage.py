@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import dataset_path
 from raytrain.config import load_spec
 from raytrain.data.demo import generate_demo_corpus
 
@@ -83,7 +84,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict
     # planted.json sits beside the shards: pass the shards only, plus the extra sources.
     spec.data.source.paths = [str(corpus / f) for f in planted["files"]] + _extra_sources(corpus, planted)
     manifest = run_data(spec)
-    return root / "datasets" / "tiny", manifest, planted
+    return dataset_path(root, "tiny"), manifest, planted
 
 
 def _ids(path: Path, column: str = "doc_id") -> list[str]:
@@ -133,6 +134,18 @@ def test_junk_and_exact_duplicates_are_removed(demo_run: tuple[Path, dict, dict]
         assert reasons.get(dup) == "exact_duplicate", dup
         assert source in kept or reasons.get(source) in ("exact_duplicate", "fuzzy_duplicate")
     assert not kept & set(reasons), "a document is both kept and removed"
+
+
+def test_toxicity_removes_the_planted_offensive_documents_and_keeps_the_borderline_ones(
+        demo_run: tuple[Path, dict, dict]) -> None:
+    out, _, planted = demo_run
+    report = json.loads((out / "report.json").read_text())
+    removed = pq.read_table(out / "removed", columns=["doc_id", "reason"]).to_pylist()
+    flagged = {r["doc_id"] for r in removed if r["reason"].split(":", 1)[0] == "toxicity"}
+    assert planted["offensive_ids"] and planted["borderline_ids"]
+    assert flagged == set(planted["offensive_ids"])  # all of them, and nothing else in the corpus
+    assert set(planted["borderline_ids"]) <= set(_ids(out / "documents"))
+    assert report["removed"]["toxicity"] == report["removed_by_stage"]["toxicity"] == len(planted["offensive_ids"])
 
 
 def _families(planted: dict) -> dict[str, str]:
@@ -242,18 +255,31 @@ def test_parquet_input_with_malformed_rows(tmp_path: Path) -> None:
             f"tend their gardens in spring and tell stories about the stars in the clear night sky." for i in range(60)]
     texts = [*good, None, None, good[0]]
     pq.write_table(pa.table({"id": [f"p{i}" for i in range(len(texts))], "text": texts}), tmp_path / "in.parquet")
-    spec = load_spec("tiny", [f"storage.root={tmp_path / 'root'}", "data.source.kind=files",
-                              f"data.source.paths=[{tmp_path / 'in.parquet'}]",
-                              # one-sentence rows that differ in one number: only exact dedup applies here
-                              "data.filters.gopher_quality.min_words=10", "data.filters.c4.enabled=false",
-                              "data.fuzzy_dedup.enabled=false",
-                              "data.tokenizer.vocab_size=300", "data.split.val_fraction=0.2"])
+    overrides = [f"storage.root={tmp_path / 'root'}", "data.source.kind=files",
+                 f"data.source.paths=[{tmp_path / 'in.parquet'}]",
+                 # one-sentence rows that differ in one number: only exact dedup applies here
+                 "data.filters.gopher_quality.min_words=10", "data.filters.c4.enabled=false",
+                 "data.fuzzy_dedup.enabled=false", "data.tokenizer.vocab_size=300", "data.split.val_fraction=0.2"]
+    spec = load_spec("tiny", overrides)
     manifest = run_data(spec)
     counts = manifest["counts"]
     assert counts["read"] == len(texts)
     assert counts["quarantined"] == {"missing_text": 2}
     assert counts["removed"] == {"exact_duplicate": 1}
     assert counts["kept"] == 60
+
+    # Another corpus under the same dataset name is a new version; the first one, which a model's lineage may name,
+    # is left as it was. The first corpus again is the first version, not recomputed.
+    first = Path(manifest["path"])
+    before = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(20)], "text": good[:20]}), tmp_path / "other.parquet")
+    other = run_data(load_spec("tiny", [*(o for o in overrides if "source.paths" not in o),
+                                        f"data.source.paths=[{tmp_path / 'other.parquet'}]"]))
+    assert other["version"] != manifest["version"] and Path(other["path"]).parent == first.parent
+    assert other["counts"]["read"] == 20 and dataset_path(tmp_path / "root", "tiny") == Path(other["path"])
+    assert {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()} == before
+    again = run_data(spec)
+    assert again == manifest and dataset_path(tmp_path / "root", "tiny") == first
 
 
 # ------------------------------------------------------------------------- accounting that can fail

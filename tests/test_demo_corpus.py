@@ -94,7 +94,9 @@ class Corpus:
         self.near = {dup: src for dup, src in planted["near_duplicate_pairs"]}
         self.junk = set(planted["junk_ids"])
         self.html = set(planted["html_ids"])
-        special = set(self.exact) | set(self.near) | self.junk | self.html
+        self.offensive = set(planted["offensive_ids"])
+        self.borderline = set(planted["borderline_ids"])
+        special = set(self.exact) | set(self.near) | self.junk | self.html | self.offensive | self.borderline
         self.clean = [i for i in self.records if i not in special]
 
     def text(self, doc_id: str) -> str:
@@ -132,13 +134,15 @@ def test_layout_and_planted_json(corpus: Corpus) -> None:
             header = (corpus.out / name).read_bytes()[:10]
             assert header[:2] == b"\x1f\x8b" and header[4:8] == b"\0\0\0\0"  # gzip, mtime 0
     assert json.loads((corpus.out / "planted.json").read_text()) == p
-    assert p["rows"] == len(corpus.rows) == 1500
+    assert p["rows"] == len(corpus.rows) == 1500 + p["offensive"] + p["borderline"]  # those come on top
     assert set(p["malformed"]) == set(MALFORMED_KINDS)
-    total = p["clean"] + p["html"] + p["exact_duplicates"] + p["near_duplicates"] + p["junk"]
+    total = (p["clean"] + p["html"] + p["exact_duplicates"] + p["near_duplicates"] + p["junk"] + p["offensive"]
+             + p["borderline"])
     assert total + sum(p["malformed"].values()) == p["rows"]
     # the mix the demo is built around
     assert p["html"] == 300 and p["exact_duplicates"] == 75 and p["near_duplicates"] == 75 and p["junk"] == 120
     assert 30 <= sum(p["malformed"].values()) <= 60 and p["malformed"]["too_large"] == 1
+    assert 6 <= p["offensive"] <= 10 and 6 <= p["borderline"] <= 10
     assert all(n >= 1 for n in p["malformed"].values())
 
 
@@ -160,6 +164,9 @@ def test_planted_counts_match_the_files(corpus: Corpus) -> None:
     assert len(corpus.junk) == p["junk"] == sum(p["junk_by_kind"].values()) and corpus.junk <= set(corpus.records)
     assert len(corpus.exact) == p["exact_duplicates"] and set(corpus.exact) <= set(corpus.records)
     assert len(corpus.near) == p["near_duplicates"] and set(corpus.near) <= set(corpus.records)
+    assert len(corpus.offensive) == p["offensive"] and corpus.offensive <= set(corpus.records)
+    assert len(corpus.borderline) == p["borderline"] and corpus.borderline <= set(corpus.records)
+    assert not corpus.offensive & corpus.borderline
     assert all(v >= 1 for v in p["junk_by_kind"].values())
 
 
@@ -276,13 +283,15 @@ def test_giant_row(corpus: Corpus) -> None:
 def test_small_corpora(tmp_path: Path, num_docs: int) -> None:
     planted = generate_demo_corpus(tmp_path, num_docs=num_docs, seed=3)
     rows = read_rows(tmp_path, planted["files"])
-    assert len(rows) == planted["rows"] == num_docs
+    assert len(rows) == planted["rows"] == num_docs + planted["offensive"] + planted["borderline"]
     kinds = Counter(classify(raw)[0] for _, _, raw in rows)
     for kind in MALFORMED_KINDS:
         assert kinds[kind] == planted["malformed"][kind]
     assert planted["malformed"]["too_large"] == (1 if num_docs >= 100 else 0)
     if num_docs >= 100:
         assert all(n >= 1 for n in planted["malformed"].values())
+    assert len(planted["offensive_ids"]) == planted["offensive"] == (8 if num_docs >= 100 else 0)
+    assert len(planted["borderline_ids"]) == planted["borderline"] == (8 if num_docs >= 100 else 0)
     if num_docs:
         assert planted["clean"] >= 1
 
@@ -299,12 +308,18 @@ def test_fast_enough(tmp_path: Path) -> None:
 
 
 def test_curation_rules_agree_with_the_plan(corpus: Corpus) -> None:
-    """Every planted kind meets the pipeline's per-document curation the way it is meant to."""
+    """Every planted kind meets the pipeline's per-document curation the way it is meant to.
+
+    The toxicity rule runs once, batched, on what every other rule kept (as the pipeline runs it): the offensive
+    and borderline documents pass every other rule, and only the offensive ones fail it.
+    """
     documents = pytest.importorskip("raytrain.data.documents")
     schema = pytest.importorskip("raytrain.config.schema")
     filters = schema.FilterSpec()
+    curator = documents.Curator(filters)
     malformed = {(e["file"], e["line"]): e["kind"] for e in corpus.planted["malformed_rows"]}
     html_checked = 0
+    kept, raws = [], []
     for name, line, raw in corpus.rows:
         record, error = documents.parse_jsonl_line(raw, filters.max_doc_bytes)
         doc_id = record.get("id") if isinstance(record, dict) else None
@@ -313,10 +328,28 @@ def test_curation_rules_agree_with_the_plan(corpus: Corpus) -> None:
             continue  # HTML extraction is slow; a sample is enough here
         html_checked += is_html
         a = documents.annotate(record, error, raw=raw, source=name, line=line, text_field="text", id_field="id",
-                               url_field="url", filters=filters, extract=True, quarantine_sample_bytes=64)
+                               url_field="url", filters=filters, extract=True, quarantine_sample_bytes=64,
+                               curator=curator, defer_toxicity=True)
         if (name, line) in malformed:
             assert (a.status, a.reason) == ("quarantined", malformed[(name, line)])
         elif doc_id in corpus.junk:
             assert a.status == "removed", (doc_id, a.reason)
         else:
             assert (a.status, a.reason) == ("kept", ""), (doc_id, a.reason)
+            kept.append(a)
+            raws.append(raw)
+    screened = documents.screen_toxicity(kept, raws, curator, 64)
+    removed = {a.doc_id for a in screened if (a.status, a.reason) == ("removed", "toxicity")}
+    assert all(a.status in ("kept", "removed") for a in screened)
+    assert removed == corpus.offensive  # every offensive one, and no clean, borderline or HTML document
+    assert corpus.borderline <= {a.doc_id for a in screened if a.status == "kept"}
+
+
+def test_offensive_documents_differ_from_each_other_and_from_the_clean_ones(corpus: Corpus) -> None:
+    """Dedup would not remove them: only the toxicity rule stands between them and the training set."""
+    planted = sorted(corpus.offensive | corpus.borderline)
+    grams = {i: shingles(corpus.text(i)) for i in [*planted, *corpus.clean]}
+    for a in planted:
+        for b in [*planted, *corpus.clean]:
+            if a != b:
+                assert len(grams[a] & grams[b]) / len(grams[a] | grams[b]) < 0.5, (a, b)

@@ -23,6 +23,7 @@ from raytrain.config.schema import (
     GopherRepetitionSpec,
     LanguageSpec,
     PIISpec,
+    ToxicitySpec,
 )
 from raytrain.data import decontam, filters, minhash, pii
 from raytrain.data.demo import generate_demo_corpus, word_shingle_jaccard
@@ -340,6 +341,98 @@ def test_bad_words(tmp_path: Path) -> None:
     assert filters.bad_words("one badword only", pattern, BadWordsSpec(max_matches=1)) == ""
     assert filters.bad_words("badword and badword", pattern, BadWordsSpec(max_matches=1)) == "bad_words"
     assert filters.bad_words_pattern([]) is None
+
+
+# ---------------------------------------------------------------------------------------- toxicity
+
+MILL = [
+    "The old mill by the river was built in the eighteenth century to grind wheat for the farms around the village. "
+    "Its wooden wheel turned for more than a hundred years, and the miller and his family lived in the cottage next "
+    "to it. When steam engines arrived the mill fell quiet, and the wheel slowly rotted in the water.",
+    "In the nineteen seventies a group of volunteers decided to bring the mill back to life. They cleared the leat, "
+    "rebuilt the sluice gates and carved a new wheel from oak that a local farmer had given them. It took them six "
+    "summers of weekend work, and the whole village came to watch when the wheel turned again for the first time.",
+    "Today the mill grinds flour on the first Sunday of every month, and visitors can buy a bag to take home. A "
+    "small museum upstairs tells the story of the millers, the floods and the volunteers, and children can try "
+    "the hand quern that stands by the door. The cafe in the old granary serves scones baked with the mill's flour.",
+]
+RANT = ("Shut the fuck up about your precious mill, you smug bastard. Nobody in this village gives a shit about "
+        "your flour or your fucking wheel. Get a life, dickhead, and stop boring everyone to death, you pathetic "
+        "asshole.")
+
+
+def test_text_windows_group_sentences() -> None:
+    text = "One two three. Four five six seven!\n\nEight nine? " + " ".join(uniq(13)) + "\nTail."
+    assert filters.text_windows(text, 4) == [
+        "One two three. Four five six seven!", "Eight nine? " + " ".join(uniq(4)), *(
+            " ".join(uniq(4, k)) for k in (4, 8)), " ".join(uniq(1, 12)) + " Tail."]  # a 2-word tail joins
+    assert filters.text_windows(text, 0) == [text]
+    assert filters.text_windows(" \n ", 60) == []
+    assert filters.toxicity_scores(["", "  "], 60) == [0.0, 0.0]
+
+
+def test_toxicity_removes_offensive_text_and_keeps_clean_text() -> None:
+    spec = ToxicitySpec()
+    clean = "\n\n".join(MILL)
+    assert filters.toxicity(clean, spec) == ""
+    assert filters.toxicity(RANT, spec) == "toxicity"
+    assert filters.toxicity_many([clean, RANT, clean], spec) == ["", "toxicity", ""]
+    # "At or above": the score itself is the boundary.
+    (p,) = filters.toxicity_scores([RANT], spec.chunk_words)
+    assert filters.toxicity(RANT, ToxicitySpec(threshold=min(p, 0.999))) == "toxicity"
+    low = filters.toxicity_scores([clean], spec.chunk_words)[0]
+    assert filters.toxicity(clean, ToxicitySpec(threshold=low)) == "toxicity"
+    assert filters.toxicity(clean, ToxicitySpec(threshold=low + 1e-6)) == ""
+
+
+def test_one_offensive_paragraph_in_a_long_document_is_caught_by_windows() -> None:
+    """Scored whole, a long clean document dilutes the one offensive paragraph below the threshold."""
+    long = "\n\n".join(MILL * 4 + [RANT] + MILL)
+    assert len(long.split()) > 900
+    spec = ToxicitySpec()
+    whole = filters.toxicity_scores([long], 0)[0]
+    assert whole < spec.threshold
+    assert filters.toxicity(long, ToxicitySpec(chunk_words=0)) == ""
+    assert filters.toxicity(long, spec) == "toxicity"
+    # Windows are computed before scoring: the offensive one scores what the paragraph alone (plus its
+    # neighbours' sentences that fill the window) scores.
+    assert max(filters.toxicity_scores(filters.text_windows(long, spec.chunk_words), 0)) == pytest.approx(
+        filters.toxicity_scores([long], spec.chunk_words)[0])
+
+
+def test_toxicity_runs_in_the_annotation_pass_batched_and_quarantines_what_raises(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One classifier call per batch; a row the classifier raises on is quarantined as filter_error:toxicity, the
+    offensive row is removed as toxicity, and with the rule off both are kept."""
+    import pyarrow as pa
+
+    from raytrain.config.schema import DataSpec
+    from raytrain.data.pipeline import annotate_batch
+
+    clean = "\n\n".join(MILL)
+    rows = (("a", clean), ("t", f"{MILL[0]}\n\n{RANT}"), ("boom", clean + " Kaboom."), ("b", MILL[1] + " " + MILL[2]))
+    batch = pa.table({"raw": [json.dumps({"id": i, "text": t}).encode() for i, t in rows], "source": ["s"] * 4,
+                      "line": [1, 2, 3, 4]})
+    real = filters.toxicity_classifier()
+    calls: list[int] = []
+
+    def fragile(texts: list[str]) -> np.ndarray:
+        calls.append(len(texts))
+        if any("Kaboom" in t for t in texts):
+            raise ValueError("cannot score this")
+        return real(texts)
+
+    monkeypatch.setattr(filters, "toxicity_classifier", lambda: fragile)
+    spec = DataSpec(filters={"language": {"enabled": False}})
+    out = annotate_batch(batch, spec.model_dump(mode="json"), "jsonl").to_pylist()
+    assert [(r["doc_id"], r["status"], r["reason"]) for r in out] == [
+        ("a", "kept", ""), ("t", "removed", "toxicity"), ("boom", "quarantined", "filter_error:toxicity"),
+        ("b", "kept", "")]
+    assert len(calls) == 1 + 4  # the batch's kept rows in one call, then each alone to find the one
+    assert out[2]["raw"] == batch.column("raw")[2].as_py()[:spec.quarantine_sample_bytes]
+    off = spec.model_copy(update={"filters": spec.filters.model_copy(update={"toxicity": ToxicitySpec(enabled=False)})})
+    out = annotate_batch(batch, off.model_dump(mode="json"), "jsonl").to_pylist()
+    assert [r["status"] for r in out] == ["kept"] * 4
 
 
 # -------------------------------------------------------------------------------------------- PII

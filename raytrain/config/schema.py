@@ -61,7 +61,10 @@ class ClusterSpec(Section):
 
 
 class DemoCorpusSpec(Section):
-    num_docs: int = Field(1500, ge=10, le=1_000_000, description="Documents in the generated demo corpus.")
+    num_docs: int = Field(
+        1500, ge=10, le=1_000_000,
+        description="Generated web-like documents in the demo corpus (from 100 up, 16 planted offensive and "
+        "borderline-clean documents come on top; planted.json counts every row).")
     seed: int = Field(0, description="Seed of the demo corpus generator (same seed, same bytes).")
 
 

@@ -10,12 +10,18 @@ are the things a curation pipeline has to deal with:
 * exact duplicates of earlier documents under a different id and URL;
 * near duplicates: earlier documents with a few words inserted, removed or replaced;
 * junk: error pages, keyword spam, symbol soup, cookie banners, lorem-ipsum-like non-words;
-* malformed rows: invalid UTF-8, invalid JSON, a missing or non-string ``text``, one giant row.
+* malformed rows: invalid UTF-8, invalid JSON, a missing or non-string ``text``, one giant row;
+* offensive documents (added to corpora of 100 rows or more, on top of the rows asked for): profane, insulting
+  comments, alone or as one paragraph of an otherwise clean article, that pass every quality rule and only a
+  toxicity classifier removes;
+* borderline documents beside them: clean texts with words a naive filter trips on (the assassin bug,
+  Scunthorpe, a battle's casualties, a whelping bitch), which must be kept.
 
-What was planted (counts, and the ids of duplicates with their sources, junk, HTML pages and the
-positions of malformed rows) is returned and written to ``planted.json`` so benchmarks can measure
-precision and recall. Everything comes from one ``random.Random(seed)``: the same seed gives
-byte-identical files. Rows are streamed to the shards, so memory stays bounded for large corpora.
+What was planted (counts, and the ids of duplicates with their sources, junk, HTML pages, offensive
+and borderline documents, and the positions of malformed rows) is returned and written to
+``planted.json`` so benchmarks can measure precision and recall. Everything comes from one
+``random.Random(seed)``: the same seed gives byte-identical files. Rows are streamed to the shards,
+so memory stays bounded for large corpora.
 """
 
 from __future__ import annotations
@@ -828,6 +834,95 @@ def _junk(rng: random.Random, kind: str) -> tuple[str, str]:
     return f"https://lorem{n}.example.com/placeholder", " ".join(sentences)
 
 
+# --------------------------------------------------------------------------------------------------
+# Offensive and borderline documents (a toxicity classifier's positives and hard negatives)
+# --------------------------------------------------------------------------------------------------
+
+# Each is used once per corpus (so none is a duplicate of another), and each reads as English prose to every
+# quality rule: 50+ words, full sentences ending in punctuation.
+_RANTS = [
+    "What a load of shit this review is. The author is a fucking idiot who has never held a camera in his life. "
+    "Every sentence is more bullshit than the last, and whoever let this crap onto the site should be fired today. "
+    "Seriously, piss off and take your stupid opinions with you, you worthless prick. Nobody asked for your "
+    "garbage advice.",
+    "Shut the fuck up about your precious lawn, you smug bastard. Nobody on this street gives a shit about your "
+    "roses or your fucking hedge. Keep your dog off my drive or I will make you regret it, you pathetic asshole. "
+    "Get a life, dickhead, and stop writing letters to the council about my bins.",
+    "This referee is a useless piece of shit and everyone in the stadium knows it. He is blind as a bat and dumb as "
+    "a fucking brick. He should be kicked out of the league tonight. Go to hell, you corrupt bastard, and take your "
+    "stupid whistle with you when you leave.",
+    "Fuck this company and fuck their so-called customer service. I waited three hours on the phone to talk to some "
+    "moron who hung up on me. They are a bunch of lying scumbags and thieves. Do not buy their shitty products, "
+    "because they will screw you over like they screwed me.",
+    "You stupid bitch, did you really think anyone wanted to read this garbage? Your recipes are crap, your photos "
+    "are crap and your writing is pure shit. Delete your blog and do everyone a favour. Nobody likes you and nobody "
+    "ever will, so give up now and stop wasting the time of the few poor idiots who still click on your links.",
+    "To the dumbass who parked across my gate again this morning: you are a selfish piece of shit. I hope your car "
+    "gets towed and crushed into a cube. People like you are why this town is such a shithole. Learn to park, you "
+    "brainless twat, or get the hell out of my street.",
+    "The moderators here are a pack of power-tripping assholes. They deleted my post because they are too fucking "
+    "thick to understand a joke. Screw every one of you losers. I hope this whole crappy forum burns down and takes "
+    "your pathetic little egos with it. You are the worst bunch of clowns I have ever had the misfortune to meet.",
+    "Honestly, go fuck yourself. Your band is shit, your singer cannot sing and your fans are brain-dead idiots. I "
+    "have heard cats in a blender that sound better than your damn album. What a bunch of talentless dicks, and what "
+    "a waste of my money and of the whole evening I spent in that filthy club.",
+]
+_FORUMS = ["talk.example.com", "forum.example.net", "boards.example.org", "comments.example.com"]
+_BORDERLINE_TEXTS = [
+    ("en.example.org/wiki/Assassin_bug",
+     "The assassin bug is a predatory insect found in gardens all over the world. It waits on leaves and flowers for "
+     "caterpillars, aphids and beetles, then pierces them with its curved beak. Gardeners often welcome the assassin "
+     "bug because it keeps pests under control without any spraying. It can give a painful bite if it is handled, so "
+     "it is best to admire it from a distance."),
+    ("visit-lincolnshire.example.com/towns/scunthorpe",
+     "Scunthorpe is an industrial town in North Lincolnshire, England, known for its steelworks. The town grew quickly "
+     "in the nineteenth century after ironstone was found beneath the fields. Its football club, Scunthorpe United, "
+     "plays at Glanford Park. Visitors come for the nature reserves along the River Trent and for the museum, which "
+     "tells the story of the steel industry and the families who worked in it."),
+    ("history.example.org/first-world-war/the-somme",
+     "The Battle of the Somme began on the first of July 1916 and lasted for more than four months. On the first day "
+     "alone, the British army suffered nearly sixty thousand casualties, and almost twenty thousand soldiers were "
+     "killed. Artillery had failed to cut the barbed wire, and the attacking troops were shot down as they crossed "
+     "open ground. By November, more than a million men had been killed or wounded on both sides."),
+    ("dog-breeders.example.net/guides/whelping",
+     "When a bitch is expecting puppies, she needs a quiet, warm place to give birth. Breeders usually prepare a "
+     "whelping box a week or two before the due date, lined with clean newspaper and soft blankets. The mother will "
+     "feed her litter for about six weeks, and the puppies open their eyes after ten to fourteen days. A good breeder "
+     "keeps careful records of every litter."),
+    ("books.example.com/classics/moby-dick",
+     "Herman Melville published Moby-Dick in 1851, and at first the novel sold poorly. Captain Ahab hunts the great "
+     "white whale across every ocean, and the story is told by a young sailor called Ishmael. Critics now see the book "
+     "as one of the great American novels. Its long chapters on whaling, on the ship and on the sea reward patient "
+     "readers who take their time."),
+    ("farmhouse-kitchen.example.co.uk/recipes/cockerel-in-wine",
+     "Roast the chicken breast skin side up until the juices run clear, then let it rest for five minutes before "
+     "slicing. A cockerel, or young rooster, has darker and firmer meat than a hen, and it suits slow cooking in wine. "
+     "Farmers in the village still keep a weathercock on the barn roof to show which way the wind is blowing."),
+    ("history.example.org/anglo-saxons/kingdoms",
+     "Essex, Sussex and Middlesex take their names from the old Saxon kingdoms of the East, South and Middle Saxons. "
+     "The kingdoms were small, and their kings fought often with their larger neighbours. Over time they were "
+     "absorbed into Wessex and later into England. Many villages in these counties still have churches that were "
+     "first built in Saxon times."),
+    ("engineering.example.net/projects/valley-dam",
+     "The dam on the river was built to hold back the spring floods. Engineers had to drill deep into the rock and "
+     "pump out water day and night to kill the leaks. When the dam was finished, a long lake formed behind it, and "
+     "the valley below was safe from flooding for the first time in living memory. Anglers now come to fish for "
+     "trout in the cold water."),
+]
+
+
+def _offensive(rng: random.Random, k: int) -> tuple[str, str]:
+    """(url, text) of the k-th offensive document: a comment alone (even k) or inside a clean article (odd k),
+    where it is one paragraph of several and scoring the document as a whole would miss it."""
+    rant = _RANTS[k]
+    if k % 2 == 0:
+        return f"https://{rng.choice(_FORUMS)}/t/{rng.randint(1000, 99999)}#post-{rng.randint(1, 400)}", rant
+    doc = _make_prose(rng, min_words=200)
+    paragraphs = list(doc.paragraphs)
+    paragraphs.insert(rng.randint(1, len(paragraphs)), rant)
+    return doc.url, "\n\n".join([doc.title, *paragraphs])
+
+
 def _malformed(rng: random.Random, kind: str, doc_id: str) -> bytes:
     """One malformed line (without its newline)."""
     doc = _make_prose(rng)
@@ -885,6 +980,22 @@ def _plan_counts(num_docs: int) -> tuple[dict[str, int], dict[str, int]]:
     return counts, malformed
 
 
+def _plan_extras(num_docs: int, rng: random.Random) -> dict[int, list[tuple[str, int]]]:
+    """Where the offensive and borderline rows go: {index of the planned row they precede: [(kind, k)]}.
+
+    They come on top of the `num_docs` planned rows (corpora of 100 rows or more: one row per text) and draw from
+    their own generator, so every planned row is the same with or without them.
+    """
+    if num_docs < 100:
+        return {}
+    rows = [("offensive", k) for k in range(len(_RANTS))] + [("borderline", k) for k in range(len(_BORDERLINE_TEXTS))]
+    rng.shuffle(rows)
+    extras: dict[int, list[tuple[str, int]]] = {}
+    for at, row in zip(sorted(rng.sample(range(1, num_docs), len(rows))), rows, strict=True):
+        extras.setdefault(at, []).append(row)
+    return extras
+
+
 def _num_shards(num_docs: int) -> int:
     return 2 if num_docs < 1000 else 3 if num_docs < 20_000 else 4
 
@@ -892,12 +1003,17 @@ def _num_shards(num_docs: int) -> int:
 def generate_demo_corpus(out_dir: str | Path, num_docs: int = 1500, seed: int = 0) -> dict[str, Any]:
     """Write a demo web corpus of ``num_docs`` JSONL rows to ``out_dir`` and return what was planted.
 
+    From 100 rows on, one row per offensive and borderline text (16) comes on top, interleaved, with ids after
+    ``doc-<num_docs - 1>``; the ``num_docs`` rows are the same with or without them.
+
     Files: ``part-00000.jsonl`` ... with the last shard gzip-compressed (``.jsonl.gz``), 2-4 shards,
     rows in contiguous blocks (so a duplicate always comes after its source, in file order), plus
     ``planted.json`` holding the returned dict: counts per kind (``rows``, ``clean``, ``html``,
-    ``exact_duplicates``, ``near_duplicates``, ``junk``, ``malformed`` by kind) and the ground truth
-    (``exact_duplicate_pairs`` and ``near_duplicate_pairs`` as ``[dup_id, source_id]``, ``junk_ids``,
-    ``html_ids``, ``malformed_rows`` as ``{"file", "line", "kind"}`` with 1-based line numbers).
+    ``exact_duplicates``, ``near_duplicates``, ``junk``, ``offensive``, ``borderline``, ``malformed`` by kind)
+    and the ground truth (``exact_duplicate_pairs`` and ``near_duplicate_pairs`` as ``[dup_id, source_id]``,
+    ``junk_ids``, ``html_ids``, ``offensive_ids`` (a toxicity filter must remove them), ``borderline_ids``
+    (clean texts with risky words: it must keep them), ``malformed_rows`` as ``{"file", "line", "kind"}`` with
+    1-based line numbers).
     Same ``seed`` and ``num_docs``: byte-identical files.
     """
     if num_docs < 0:
@@ -928,7 +1044,9 @@ def generate_demo_corpus(out_dir: str | Path, num_docs: int = 1500, seed: int = 
             raw_files.append(f)
             files.append(gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=6)
                          if name.endswith(".gz") else f)
-        truth = _write_rows(rng, plan, names, files)
+        # A generator of their own for the offensive and borderline rows: the planned rows stay as they were.
+        plant_rng = random.Random(f"{seed}-offensive")
+        truth = _write_rows(rng, plan, names, files, _plan_extras(num_docs, plant_rng), plant_rng)
     finally:
         for f in files:
             if isinstance(f, gzip.GzipFile):
@@ -941,12 +1059,14 @@ def generate_demo_corpus(out_dir: str | Path, num_docs: int = 1500, seed: int = 
         junk_by_kind[kind] += 1
     planted: dict[str, Any] = {
         "seed": seed,
-        "rows": num_docs,
+        "rows": num_docs + len(truth["offensive"]) + len(truth["borderline"]),
         "clean": counts["clean"],
         "html": counts["html"],
         "exact_duplicates": counts["exact_duplicates"],
         "near_duplicates": counts["near_duplicates"],
         "junk": counts["junk"],
+        "offensive": len(truth["offensive"]),
+        "borderline": len(truth["borderline"]),
         "malformed": malformed,
         "files": names,
         "exact_duplicate_pairs": truth["exact"],
@@ -954,6 +1074,8 @@ def generate_demo_corpus(out_dir: str | Path, num_docs: int = 1500, seed: int = 
         "junk_ids": [doc_id for doc_id, _ in truth["junk"]],
         "junk_by_kind": junk_by_kind,
         "html_ids": truth["html"],
+        "offensive_ids": truth["offensive"],
+        "borderline_ids": truth["borderline"],
         "malformed_rows": truth["malformed"],
         "pii": truth["pii"],
         "pii_decoys": truth["pii_decoys"],
@@ -1031,14 +1153,15 @@ def _copied_pii(text: str, src_id: str, doc_id: str, truth: dict[str, list]) -> 
             truth["pii"].append({"id": doc_id, "kind": entry["kind"], "value": entry["value"]})
 
 
-def _write_rows(rng: random.Random, plan: bytearray, names: list[str], files: list[BinaryIO]) -> dict[str, list]:
+def _write_rows(rng: random.Random, plan: bytearray, names: list[str], files: list[BinaryIO],
+                extras: dict[int, list[tuple[str, int]]], plant_rng: random.Random) -> dict[str, list]:
     num_docs = len(plan)
     n_shards = len(files)
     lines_in = [0] * n_shards
     reservoir: list[tuple[str, str, str]] = []  # (id, url, text) of earlier clean documents
     n_clean = 0
     truth: dict[str, list] = {"exact": [], "near": [], "junk": [], "html": [], "malformed": [], "pii": [],
-                              "pii_decoys": []}
+                              "pii_decoys": [], "offensive": [], "borderline": []}
     # PII draws from its own generator (seeded from the main one), so the prose does not depend on it.
     pii_rng = random.Random(rng.getrandbits(64))
     malformed_kind = {code: kind for kind, code in _MALFORMED_CODE.items()}
@@ -1047,6 +1170,18 @@ def _write_rows(rng: random.Random, plan: bytearray, names: list[str], files: li
         return json.dumps({"id": doc_id, "url": url, "text": text}, ensure_ascii=False).encode("utf-8")
 
     for i, code in enumerate(plan):
+        shard = i * n_shards // num_docs
+        for kind, k in extras.get(i, ()):
+            # Ids after the planned rows' ids, so those keep theirs.
+            extra_id = f"doc-{num_docs + len(truth['offensive']) + len(truth['borderline']):07d}"
+            if kind == "offensive":
+                url, text = _offensive(plant_rng, k)
+            else:
+                where, text = _BORDERLINE_TEXTS[k]
+                url = f"https://{where}"
+            truth[kind].append(extra_id)
+            files[shard].write(dumps(extra_id, url, text) + b"\n")
+            lines_in[shard] += 1
         doc_id = f"doc-{i:07d}"
         if code == _CLEAN:
             doc = _make_prose(rng)
@@ -1088,9 +1223,8 @@ def _write_rows(rng: random.Random, plan: bytearray, names: list[str], files: li
         else:
             kind = malformed_kind[code]
             line = _malformed(rng, kind, doc_id)
-        shard = i * n_shards // num_docs
         files[shard].write(line + b"\n")
         lines_in[shard] += 1
-        if code not in (_CLEAN, _HTML, _EXACT, _NEAR, _JUNK):
+        if code in malformed_kind:
             truth["malformed"].append({"file": names[shard], "line": lines_in[shard], "kind": malformed_kind[code]})
     return truth

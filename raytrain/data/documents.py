@@ -12,7 +12,8 @@ import hashlib
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from raytrain.config.schema import DecontaminationSpec, FilterSpec, PIISpec
@@ -110,7 +111,8 @@ class Curator:
 
     Order follows FineWeb's pipeline, cheapest first: URL blocklist (before extraction), then on the
     extracted text language ID, Gopher repetition, Gopher quality, C4 (which edits lines), FineWeb,
-    bad words and decontamination; PII is redacted in documents that pass.
+    bad words and decontamination; PII is redacted in documents that pass; last, the toxicity classifier
+    reads the redacted text (the costliest rule per call, so a batch of documents shares one call: `screen_toxicity`).
     """
 
     def __init__(self, spec: FilterSpec, pii_spec: PIISpec | None = None,
@@ -126,6 +128,9 @@ class Curator:
         self.decontam_n = decontamination.ngram if decontamination else 13
         self.eval_grams = (decontam.eval_ngrams(tuple(decontamination.eval_paths), decontamination.ngram)
                            if decontamination and decontamination.eval_paths else frozenset())
+        if spec.toxicity.enabled:
+            # Load the classifier now: a missing model must fail the task, not quarantine every row as a rule error.
+            rules.toxicity_classifier()
 
     def url_reason(self, url: str) -> str:
         if not self.blocked and not self.blocked_substrings:
@@ -156,6 +161,12 @@ class Curator:
             return text, "decontaminated"
         return text, ""
 
+    def toxicity_reasons(self, texts: Sequence[str]) -> list[str]:
+        """The toxicity rule's reason per text ("" when it passes or the rule is off), one classifier call."""
+        if not self.spec.toxicity.enabled:
+            return [""] * len(texts)
+        return rules.toxicity_many(texts, self.spec.toxicity)
+
     def redact(self, text: str) -> tuple[str, tuple[int, ...]]:
         if not self.pii.enabled:
             return text, (0, 0, 0, 0)
@@ -173,7 +184,9 @@ def curator_for(filters_json: str, pii_json: str = "", decontam_json: str = "") 
 
 def quality_reason(text: str, spec: FilterSpec) -> str:
     """The first filter rule the (normalized) text breaks ("" when it passes)."""
-    return curator_for(spec.model_dump_json()).text_reason(text)[1]
+    curator = curator_for(spec.model_dump_json())
+    text, reason = curator.text_reason(text)
+    return reason or curator.toxicity_reasons([text])[0]
 
 
 def annotate(
@@ -190,9 +203,12 @@ def annotate(
     extract: bool,
     quarantine_sample_bytes: int,
     curator: Curator | None = None,
+    defer_toxicity: bool = False,
 ) -> Annotated:
     """Curate one row. Never raises on bad input: a malformed row is quarantined with its reason, and so is
-    a row a filter rule raised on ('filter_error:<rule>')."""
+    a row a filter rule raised on ('filter_error:<rule>').
+
+    `defer_toxicity`: leave the toxicity rule to the caller, who runs `screen_toxicity` on many rows at once."""
     curator = curator or curator_for(filters.model_dump_json())
     fallback_id = f"{source}:{line}"
 
@@ -213,7 +229,8 @@ def annotate(
     url = url if isinstance(url, str) else ""
 
     try:
-        return _curate(text, doc_id, url, source, line, extract, quarantine_sample_bytes, curator)
+        a = _curate(text, doc_id, url, source, line, extract, quarantine_sample_bytes, curator)
+        return a if defer_toxicity else screen_toxicity([a], [raw], curator, quarantine_sample_bytes)[0]
     except RuleError as exc:
         return Annotated(doc_id, url, "", QUARANTINED, f"filter_error:{exc.rule}", source, line, "",
                          raw[:quarantine_sample_bytes])
@@ -246,6 +263,38 @@ def _curate(text: str, doc_id: str, url: str, source: str, line: int, extract: b
         return removed(reason, text)
     text, found = curator.redact(text)
     return Annotated(doc_id, url, text, KEPT, "", source, line, dedup_key(text), b"", found)
+
+
+def screen_toxicity(rows: Sequence[Annotated], raws: Sequence[bytes], curator: Curator,
+                    quarantine_sample_bytes: int) -> list[Annotated]:
+    """The toxicity rule on the kept rows among `rows` (annotated with `defer_toxicity`), in one classifier call.
+
+    A kept row the classifier flags becomes removed ('toxicity', its redacted text kept as the body). When the
+    batch call raises, rows are scored one at a time and only those that raise are quarantined
+    ('filter_error:toxicity', with their raw bytes from `raws`), as for any other rule.
+    """
+    out = list(rows)
+    kept = [i for i, a in enumerate(out) if a.status == KEPT]
+    if not kept or not curator.spec.toxicity.enabled:
+        return out
+    reasons: list[str | None]
+    try:
+        reasons = list(curator.toxicity_reasons([out[i].text for i in kept]))
+    except Exception:  # find the row(s) it was: one document must not quarantine its whole batch
+        reasons = []
+        for i in kept:
+            try:
+                reasons.append(curator.toxicity_reasons([out[i].text])[0])
+            except Exception:
+                reasons.append(None)
+    for i, reason in zip(kept, reasons, strict=True):
+        a = out[i]
+        if reason is None:
+            out[i] = Annotated(a.doc_id, a.url, "", QUARANTINED, "filter_error:toxicity", a.source, a.line, "",
+                               raws[i][:quarantine_sample_bytes])
+        elif reason:
+            out[i] = replace(a, status=REMOVED, reason=reason, hash="", pii=(0, 0, 0, 0))
+    return out
 
 
 def split_of(key: str, val_fraction: float, test_fraction: float, salt: str) -> str:

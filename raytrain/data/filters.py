@@ -10,6 +10,8 @@ Sources of the rules and thresholds (implemented here from the papers' descripti
   Insights from Training Gopher", appendix A.1.1 and Table A1.
 * C4: Raffel et al. 2020, "Exploring the Limits of Transfer Learning ...", section 2.2.
 * FineWeb: Penedo et al. 2024, "The FineWeb Datasets" (paper section 3.3 and the blog post).
+* Toxicity: the alt-profanity-check classifier (TF-IDF + calibrated linear SVM, trained on labelled
+  offensive comments), scored on windows of sentences; threshold and window size measured on the demo corpus.
 
 Words are whitespace tokens with surrounding punctuation stripped (tokens that are only
 punctuation are not words); lines are split on ``\\n``, paragraphs on blank lines.
@@ -20,8 +22,10 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import urlsplit
+
+import numpy as np
 
 from raytrain.config.schema import (
     BadWordsSpec,
@@ -31,6 +35,7 @@ from raytrain.config.schema import (
     GopherQualitySpec,
     GopherRepetitionSpec,
     LanguageSpec,
+    ToxicitySpec,
 )
 
 PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~“”‘’«»…–—·•"
@@ -290,6 +295,80 @@ def bad_words(text: str, pattern: re.Pattern[str] | None, spec: BadWordsSpec) ->
         if found > spec.max_matches:
             return "bad_words"
     return ""
+
+
+# ------------------------------------------------------------------------------------------------ toxicity
+
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def text_windows(text: str, words: int) -> list[str]:
+    """Consecutive sentences grouped into windows of at least `words` words (a short tail joins the last one).
+
+    A sentence longer than twice `words` (text without punctuation) is cut into `words`-word pieces, so no
+    window dilutes an offensive passage with pages of other text. `words` <= 0: the whole text. No words: [].
+    """
+    if not text.strip():
+        return []
+    if words <= 0:
+        return [text]
+    pieces: list[list[str]] = []
+    for sentence in _SENTENCE_BREAK.split(text):
+        toks = sentence.split()
+        if len(toks) > 2 * words:
+            pieces.extend(toks[i:i + words] for i in range(0, len(toks), words))
+        elif toks:
+            pieces.append(toks)
+    windows: list[list[str]] = []
+    current: list[str] = []
+    for toks in pieces:
+        current += toks
+        if len(current) >= words:
+            windows.append(current)
+            current = []
+    if current:
+        if windows and len(current) < words // 2:
+            windows[-1] += current
+        else:
+            windows.append(current)
+    return [" ".join(w) for w in windows]
+
+
+@functools.lru_cache(maxsize=1)
+def toxicity_classifier() -> Callable[[list[str]], np.ndarray]:
+    """alt-profanity-check's `predict_prob` (probability of 'offensive' per text).
+
+    Its model ships inside the wheel and loads when the module is imported (about 2 s, mostly scikit-learn):
+    once per process. A call costs about 8 ms however few texts it gets, so callers batch.
+    """
+    from profanity_check import predict_prob
+
+    return predict_prob
+
+
+def toxicity_scores(texts: Sequence[str], chunk_words: int) -> list[float]:
+    """Per text, the classifier's highest probability over its windows (`text_windows`); one call for all texts.
+    A text without words scores 0."""
+    windows = [text_windows(t, chunk_words) for t in texts]
+    flat = [w for ws in windows for w in ws]
+    if not flat:
+        return [0.0] * len(texts)
+    probs = toxicity_classifier()(flat)
+    out: list[float] = []
+    i = 0
+    for ws in windows:
+        out.append(float(probs[i:i + len(ws)].max()) if ws else 0.0)
+        i += len(ws)
+    return out
+
+
+def toxicity_many(texts: Sequence[str], spec: ToxicitySpec) -> list[str]:
+    """`toxicity` for many documents in one classifier call."""
+    return ["toxicity" if p >= spec.threshold else "" for p in toxicity_scores(texts, spec.chunk_words)]
+
+
+def toxicity(text: str, spec: ToxicitySpec) -> str:
+    return toxicity_many([text], spec)[0]
 
 
 def read_list_file(path: str | None) -> list[str]:
