@@ -70,7 +70,7 @@ def show(name: Annotated[str, typer.Argument(help="Model name.")],
         if not versions:
             _fail(f"model {name!r} has no versions under {reg.root}/models")
         infos = [{**reg.version_info(name, v), "history": reg.history(name, v)} for v in versions]
-    except StageInputError as exc:
+    except (StageInputError, OSError) as exc:  # OSError: the storage root (permissions, object store) refused
         _fail(str(exc))
     if as_json:
         print(json.dumps(infos if version is None else infos[0], indent=2, default=str))
@@ -120,7 +120,7 @@ def alias(name: Annotated[str, typer.Argument(help="Model name.")],
     reg = _registry(root, _spec(config, overrides))
     try:
         event = reg.set_alias(name, alias_name, _version(reg, name, version))
-    except StageInputError as exc:
+    except (StageInputError, OSError) as exc:  # OSError: the storage root (permissions, object store) refused
         _fail(str(exc))
     print(f"{name}@{alias_name} -> version {event['version']} (was {event['from']})")
 
@@ -168,7 +168,7 @@ def promote(name: Annotated[str | None, typer.Argument(help="Model (default: the
         event = do_promote(reg, name, v, gate, alias=alias_name, force=force)
     except PromotionRefused as exc:
         _fail(f"refused: {exc}")
-    except StageInputError as exc:
+    except (StageInputError, OSError) as exc:  # OSError: the storage root (permissions, object store) refused
         _fail(str(exc))
     print(f"promoted {name} version {event['version']} to {event['alias']} (was {event['from']})")
 
@@ -181,6 +181,6 @@ def rollback(name: Annotated[str, typer.Argument(help="Model name.")],
     reg = _registry(root, _spec(config, overrides))
     try:
         event = reg.rollback(name, alias_name)
-    except StageInputError as exc:
+    except (StageInputError, OSError) as exc:  # OSError: the storage root (permissions, object store) refused
         _fail(str(exc))
     print(f"{name}@{alias_name} rolled back: version {event['from']} -> {event['version']}")
