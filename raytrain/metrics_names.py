@@ -14,6 +14,21 @@ TRAIN_MFU = "raytrain_train_mfu"
 TRAIN_MEMORY_BYTES = "raytrain_train_memory_bytes"
 TRAIN_RESUMES = "raytrain_train_resumes"
 
+# Online RL (PPO/GRPO), one value per iteration, tag `run` (RL_PHASE_SECONDS also `phase`).
+RL_REWARD_MEAN = "raytrain_rl_reward_mean"
+RL_REWARD_STD = "raytrain_rl_reward_std"
+RL_KL = "raytrain_rl_kl"
+RL_KL_COEF = "raytrain_rl_kl_coef"
+RL_CLIP_RATIO = "raytrain_rl_clip_ratio"
+RL_ENTROPY = "raytrain_rl_entropy"
+RL_RESPONSE_LENGTH = "raytrain_rl_response_length"
+RL_VALUE_LOSS = "raytrain_rl_value_loss"
+RL_GEN_TOKENS_PER_S = "raytrain_rl_generation_tokens_per_s"
+RL_TRAIN_TOKENS_PER_S = "raytrain_rl_training_tokens_per_s"
+RL_PHASE_SECONDS = "raytrain_rl_phase_seconds"
+RL_SYNC_BYTES = "raytrain_rl_sync_bytes"
+RL_EVAL_REWARD = "raytrain_rl_eval_reward"
+
 # Serving (tags: model, route, status)
 SERVE_REQUESTS = "raytrain_serve_requests_total"
 SERVE_LATENCY = "raytrain_serve_latency_seconds"
@@ -45,6 +60,19 @@ PROJECT_METRICS: dict[str, str] = {
     TRAIN_MFU: GAUGE,
     TRAIN_MEMORY_BYTES: GAUGE,
     TRAIN_RESUMES: COUNTER,
+    RL_REWARD_MEAN: GAUGE,
+    RL_REWARD_STD: GAUGE,
+    RL_KL: GAUGE,
+    RL_KL_COEF: GAUGE,
+    RL_CLIP_RATIO: GAUGE,
+    RL_ENTROPY: GAUGE,
+    RL_RESPONSE_LENGTH: GAUGE,
+    RL_VALUE_LOSS: GAUGE,
+    RL_GEN_TOKENS_PER_S: GAUGE,
+    RL_TRAIN_TOKENS_PER_S: GAUGE,
+    RL_PHASE_SECONDS: GAUGE,
+    RL_SYNC_BYTES: GAUGE,
+    RL_EVAL_REWARD: GAUGE,
     SERVE_REQUESTS: COUNTER,
     SERVE_LATENCY: HISTOGRAM,
     SERVE_TTFT: HISTOGRAM,

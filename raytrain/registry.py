@@ -298,14 +298,14 @@ def run_model_dir(root: str, run_name: str, what: str) -> str:
 
 
 def candidate_dir(spec: JobSpec) -> str:
-    """The model this spec's last training stage exports (DPO, else SFT, else pretrain): what eval measures."""
+    """The model this spec's last training stage exports (RL, else DPO, else SFT, else pretrain): what eval measures."""
     from raytrain.posttrain.stage import model_dir_of
 
     return model_dir_of(spec, last_stage(spec))
 
 
 def last_stage(spec: JobSpec) -> str:
-    return next((s for s in ("dpo", "sft") if getattr(spec, s) is not None), "pretrain")
+    return next((s for s in ("rl", "dpo", "sft") if getattr(spec, s) is not None), "pretrain")
 
 
 def candidate_model_name(spec: JobSpec) -> str:

@@ -54,6 +54,16 @@ def _posttrain(stage: str) -> Callable[[JobSpec, bool], dict[str, Any]]:
     return run
 
 
+def _rl(spec: JobSpec, started_local: bool) -> dict[str, Any]:
+    from raytrain.rl.stage import run_rl
+
+    out = run_rl(spec)
+    its = out.pop("iterations")
+    # The summary keeps the first and last iterations' figures; every one is in runs/<run>/rl/iterations/.
+    out["iterations"] = {"count": len(its), "first": its[0] if its else None, "last": its[-1] if its else None}
+    return out
+
+
 def _eval(spec: JobSpec, started_local: bool) -> dict[str, Any]:
     from raytrain.eval.suites import print_summary, run_eval
 
@@ -118,7 +128,11 @@ def _pipeline(spec: JobSpec, started_local: bool) -> dict[str, Any]:
     api_key = client_api_key(spec)  # before training: the demo request at the end needs a key when serve.auth is on
     summary: dict[str, Any] = {}
     steps = [("data", _data), ("pretrain", _pretrain)]
-    steps += [(name, _posttrain(name)) for name in ("sft", "reward", "dpo") if getattr(spec, name) is not None]
+    steps += [(name, _posttrain(name)) for name in ("sft", "reward") if getattr(spec, name) is not None]
+    if spec.rl is not None:  # online RL takes DPO's place when the recipe has it
+        steps.append(("rl", _rl))
+    elif spec.dpo is not None:
+        steps.append(("dpo", _posttrain("dpo")))
     steps.append(("eval", _eval))
     if spec.promote.enabled:
         steps.append(("promote", lambda s, _: _gate(s)))
@@ -150,12 +164,13 @@ STAGE_TABLE: dict[str, Stage] = {s.name: s for s in (
     Stage("sft", _posttrain("sft"), "sft", "Supervised fine-tuning of a parent model on demonstrations."),
     Stage("reward", _posttrain("reward"), "reward", "Train a reward model on preference pairs (Bradley-Terry)."),
     Stage("dpo", _posttrain("dpo"), "dpo", "Align a parent model on preference pairs with DPO or IPO."),
+    Stage("rl", _rl, "rl", "Online RL (PPO or GRPO) of a policy against a reward model and/or reward functions."),
     Stage("eval", _eval, "eval", "Evaluate the candidate (perplexity, lm-eval, win rate, overfitting, safety) "
           "into its eval.json and eval.md."),
     Stage("serve", _serve, "serve", "Serve the exported model behind OpenAI-compatible HTTP endpoints.",
           batch=False),
-    Stage("pipeline", _pipeline, "*", "Run data -> pretrain -> sft -> reward -> dpo (those the spec has) -> eval -> "
-          "promotion gate -> serve and print a completion fetched over HTTP."),
+    Stage("pipeline", _pipeline, "*", "Run data -> pretrain -> sft -> reward -> dpo or rl (those the spec has; rl "
+          "when both) -> eval -> promotion gate -> serve and print a completion fetched over HTTP."),
 )}
 """The one place a stage is declared."""
 

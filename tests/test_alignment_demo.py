@@ -36,7 +36,16 @@ def _problem(row: Any) -> str | None:
     return None
 
 
-def _rows(path: str) -> tuple[list[dict[str, Any]], dict[int, str]]:
+def _prompt_problem(row: Any) -> str | None:
+    """Why a parsed RL prompt row is malformed, or None."""
+    if row.get("prompt") is None:
+        return "missing_field:prompt"
+    if isinstance(row["prompt"], str):
+        return None if row["prompt"].strip() else "empty_prompt"
+    return _problem({"messages": row["prompt"]}) or (None if row["prompt"] else "empty_prompt")
+
+
+def _rows(path: str, problem: Any = _problem) -> tuple[list[dict[str, Any]], dict[int, str]]:
     """(valid rows, {1-based line: reason} of the malformed ones)."""
     good, bad = [], {}
     for i, line in enumerate(Path(path).read_text().splitlines(), start=1):
@@ -45,7 +54,7 @@ def _rows(path: str) -> tuple[list[dict[str, Any]], dict[int, str]]:
         except json.JSONDecodeError:
             bad[i] = "unparseable_json"
             continue
-        reason = _problem(row)
+        reason = problem(row)
         if reason:
             bad[i] = reason
         else:
@@ -61,7 +70,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path, demo: dict[str, Any]) -> None:
     again = _write(tmp_path / "again")
     other = _write(tmp_path / "other", seed=1)
-    for name in ("sft", "prefs", "eval_prompts", "planted"):
+    for name in ("sft", "prefs", "prompts", "eval_prompts", "planted"):
         assert Path(again[name]).read_bytes() == Path(demo[name]).read_bytes(), name
         assert Path(other[name]).read_bytes() != Path(demo[name]).read_bytes(), name
 
@@ -69,15 +78,16 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path, demo: dict[str,
 def test_counts_and_planted_rows_are_real_and_complete(demo: dict[str, Any]) -> None:
     planted = json.loads(Path(demo["planted"]).read_text())
     found: dict[tuple[str, int], str] = {}
-    for name in ("sft", "prefs"):
-        good, bad = _rows(demo[name])
+    for name in ("sft", "prefs", "prompts"):
+        good, bad = _rows(demo[name], _prompt_problem if name == "prompts" else _problem)
         assert len(good) == demo["counts"][name]
+        assert len(bad) == demo["counts"]["planted"][name]
         found |= {(f"{name}.jsonl", line): reason for line, reason in bad.items()}
     listed = {(r["file"], r["line"]): r["reason"] for r in planted["rows"]}
     # Exactly the malformed rows are listed, each with the reason an independent check gives.
     assert listed == found
     assert {r.split(":")[0] for r in listed.values()} == set(PLANTED_REASONS)
-    assert len(listed) / (demo["counts"]["sft"] + demo["counts"]["prefs"]) < 0.05
+    assert len(listed) / (demo["counts"]["sft"] + demo["counts"]["prefs"] + demo["counts"]["prompts"]) < 0.05
 
 
 def test_pairs_follow_the_rule_with_margin_and_length_is_not_a_giveaway(demo: dict[str, Any]) -> None:
@@ -108,6 +118,29 @@ def test_eval_prompts_are_held_out(demo: dict[str, Any]) -> None:
     prefs, _ = _rows(demo["prefs"])
     train = {r["messages"][0]["content"] for r in sft} | {r["prompt"][-1]["content"] for r in prefs}
     assert not set(held) & train
+
+
+def test_rl_prompts_are_distinct_training_prompts_and_leave_the_other_files_alone(
+        tmp_path: Path, demo: dict[str, Any]) -> None:
+    prompts, bad = _rows(demo["prompts"], _prompt_problem)
+    assert len(prompts) == demo["counts"]["prompts"] == AlignmentDemoSpec().num_prompts
+    assert {r.split(":")[0] for r in bad.values()} == {
+        "unparseable_json", "missing_field", "bad_role", "non_string_content", "empty_prompt"}
+    texts = [r["prompt"][-1]["content"] for r in prompts]
+    assert all(len(r["prompt"]) == 1 and r["prompt"][0]["role"] == "user" for r in prompts)
+    assert len(set(texts)) == len(texts)  # distinct: a repeated prompt would only be removed as a duplicate
+    held = {json.loads(line)["prompt"][-1]["content"] for line in Path(demo["eval_prompts"]).read_text().splitlines()}
+    assert not set(texts) & held
+    # Drawn from the training pool: the demo's prompts less the held-out ones.
+    from raytrain.posttrain.demo import _prompt_pool
+
+    assert set(texts) <= {p for p, _ in _prompt_pool()} - held
+    # Their own random stream: another number of RL prompts changes no byte of the other files.
+    fewer = _write(tmp_path / "fewer", num_prompts=50)
+    for name in ("sft", "prefs", "eval_prompts"):
+        assert Path(fewer[name]).read_bytes() == Path(demo[name]).read_bytes(), name
+    assert Path(fewer["prompts"]).read_bytes() != Path(demo["prompts"]).read_bytes()
+    assert fewer["counts"]["prompts"] == 50
 
 
 def test_score_rule() -> None:

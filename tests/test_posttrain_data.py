@@ -397,3 +397,162 @@ def test_split_is_deterministic_and_the_manifest_is_cached(pairs: dict[str, Any]
     assert changed["key"] != other["key"]
     moved = {rid: r["split"] for rid, r in _rows(tmp_path / "datasets" / "pairs").items()}
     assert moved.keys() == first.keys() and moved != {rid: r["split"] for rid, r in first.items()}
+
+
+# ----------------------------------------------------------------------------------------------- RL prompts
+
+GEN_PROMPT = "<|im_start|>assistant\n"
+
+
+def plant_prompts(root: Path, demo: dict[str, Any]) -> tuple[Plant, int]:
+    """The demo's prompts.jsonl (its planted rows from planted.json) next to a hand-written file of edge cases."""
+    rng = random.Random(3)
+    p = Plant(root)
+    p.lines["prompts.jsonl"] = Path(demo["prompts"]).read_text().splitlines()
+    planted = json.loads(Path(demo["planted"]).read_text())["rows"]
+    p.bad |= {(r["file"], r["line"]): r["reason"] for r in planted if r["file"] == "prompts.jsonl"}
+    h = "hand.jsonl"
+    truths = [42, "answer", {"b": [1, 2], "a": None}, [1, "x", {"y": 2.5}], 3.5, True, "ünïcode"]
+    for i, gt in enumerate(truths):
+        p.row(h, {"prompt": f"id{i}x {_words(rng, 2, 6)}", "ground_truth": gt}, f"id{i}x")
+    p.row(h, {"prompt": f"id7x {_words(rng, 2, 6)}"}, "id7x")  # no ground truth: "null"
+    for i in range(8, 12):  # conversations ending with the user turn (the marker in it), some with a system turn
+        p.row(h, {"prompt": _chat(rng, f"id{i}x", turns=1 + i % 3, system=i % 2 == 0)[:-1], "ground_truth": {"n": i},
+                  "extra": "ignored"}, f"id{i}x")
+    # The same prompt with another ground truth is another example, not a duplicate.
+    p.row(h, {"prompt": p.good["id1x"]["prompt"], "ground_truth": "another answer"}, "id1x/other")
+    # Over-long: a conversation and a string, each keeping its last MAX_PROMPT tokens.
+    p.row(h, {"prompt": [{"role": "user", "content": _words(rng, 120, 120) + " idLONGx"}]}, "idLONGx")
+    p.row(h, {"prompt": _words(rng, 120, 120) + " idLTx", "ground_truth": 7}, "idLTx")
+    # Duplicates: formatting, key order, extra fields, absent vs null ground truth do not count.
+    first = p.good["id0x"]
+    p.dups[p.line(h, json.dumps({"meta": 1, "ground_truth": 42, "prompt": first["prompt"]},
+                                separators=(", ", " : ")))] = (h, 1)
+    p.dups[p.line(h, json.dumps({"prompt": p.good["id7x"]["prompt"], "ground_truth": None}))] = (h, 8)
+    chat = p.good["id8x"]
+    p.dups[p.line(h, json.dumps({"ground_truth": {"n": 8}, "prompt": [
+        {"content": m["content"], "role": m["role"], "name": "x"} for m in chat["prompt"]]}))] = (h, 9)
+    ok = {"role": "user", "content": "hi there"}
+    p.bad_row(h, '{"prompt": "cut', "unparseable_json")
+    p.bad_row(h, [1, 2], "not_an_object")
+    p.bad_row(h, {"ground_truth": 1}, "missing_field:prompt")
+    p.bad_row(h, {"prompt": None, "ground_truth": 1}, "missing_field:prompt")
+    p.bad_row(h, {"prompt": 42}, "bad_type:prompt")
+    p.bad_row(h, {"prompt": "   "}, "empty_prompt")
+    p.bad_row(h, {"prompt": []}, "empty_prompt")
+    p.bad_row(h, {"prompt": [ok, {"role": "assistant", "content": "hello"}]}, "prompt_ends_with_assistant")
+    p.bad_row(h, {"prompt": [{"role": "system", "content": "be brief"}]}, "prompt_ends_with_system")
+    p.bad_row(h, {"prompt": [{"role": "narrator", "content": "x"}]}, "bad_role")
+    p.bad_row(h, {"prompt": [{"content": "no role"}]}, "bad_role")
+    p.bad_row(h, {"prompt": [{"role": "user", "content": 42}]}, "non_string_content")
+    p.bad_row(h, {"prompt": [1]}, "bad_message")
+    p.bad_row(h, {"prompt": [{"role": "system", "content": " "}, ok]}, "empty_content")
+    p.bad_row(h, "", "blank_line")
+    p.row(h, {"prompt": "id12x last line", "ground_truth": [0]}, "id12x")
+    return p, p.write()
+
+
+@pytest.fixture(scope="module")
+def rl_prompts(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Any]:
+    from raytrain.config.schema import AlignmentDemoSpec
+    from raytrain.posttrain.data import prepare_posttrain_data
+    from raytrain.posttrain.demo import write_alignment_demo
+
+    base = tmp_path_factory.mktemp("rl")
+    demo = write_alignment_demo(str(base / "demo"), AlignmentDemoSpec(num_sft=10, num_pairs=10, num_eval_prompts=4,
+                                                                      num_prompts=60))
+    plant, n_rows = plant_prompts(base / "in", demo)
+    assert (base / "in" / "prompts.jsonl").read_bytes() == Path(demo["prompts"]).read_bytes()  # the demo's file
+    dataset = base / "out" / "datasets" / "rl"
+    # As the "rl" stage calls it: a versioned dataset.
+    manifest = prepare_posttrain_data("prompt", _spec("rl", base / "in"), str(tokenizer_dir), str(dataset),
+                                      versioned=True)
+    return {"plant": plant, "rows": n_rows, "out": Path(manifest["path"]), "manifest": manifest, "demo": demo,
+            "dataset": dataset}
+
+
+def _expected_prompts(plant: Plant) -> dict[tuple[str, str], dict[str, Any]]:
+    """(prompt_text, canonical ground truth JSON) -> planted row, for every row that must be kept."""
+    bad = {line for (f, line) in plant.bad if f == "prompts.jsonl"}
+    demo_rows = [json.loads(line) for i, line in enumerate(plant.lines["prompts.jsonl"], start=1) if i not in bad]
+    out = {}
+    for row in [*plant.good.values(), *demo_rows]:
+        prompt = row["prompt"]
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        out[(text, json.dumps(row.get("ground_truth"), sort_keys=True))] = row
+    return out
+
+
+def test_prompt_accounting_quarantine_and_manifest(rl_prompts: dict[str, Any]) -> None:
+    _check_outcomes(rl_prompts)
+    m, plant, out = rl_prompts["manifest"], rl_prompts["plant"], rl_prompts["out"]
+    assert m["kind"] == "prompt"
+    assert m["version"] == m["key"][:12] and out == rl_prompts["dataset"] / m["version"]
+    assert json.loads((rl_prompts["dataset"] / "latest.json").read_text())["version"] == m["version"]
+    assert m["columns"] == [
+        {"name": "prompt_ids", "dtype": "int32", "shape": [MAX_PROMPT]},
+        {"name": "prompt_len", "dtype": "int32", "shape": []},
+        {"name": "prompt_text", "dtype": "string", "shape": []},
+        {"name": "ground_truth", "dtype": "string", "shape": []},
+        {"name": "row_id", "dtype": "string", "shape": []}]
+    assert {Path(s["path"]).name: s["rows"] for s in m["sources"]} == {
+        name: len(lines) for name, lines in plant.lines.items()}
+    # The demo's file on its own: each of its lines kept, removed or quarantined, as the generator says.
+    demo_lines = len(plant.lines["prompts.jsonl"])
+    demo_planted = [k for k in plant.bad if k[0] == "prompts.jsonl"]
+    assert len(demo_planted) == rl_prompts["demo"]["counts"]["planted"]["prompts"] >= 5
+    quarantined = [q for q in _jsonl(out / "quarantine") if Path(q["source"]).name == "prompts.jsonl"]
+    removed = [r for r in _jsonl(out / "removed") if Path(r["source"]).name == "prompts.jsonl"]
+    demo_texts = {json.loads(line)["prompt"][-1]["content"] for i, line in enumerate(
+        plant.lines["prompts.jsonl"], start=1) if ("prompts.jsonl", i) not in plant.bad}
+    kept = [r for r in _rows(out).values() if r["prompt_text"] in demo_texts]
+    assert len(kept) == rl_prompts["demo"]["counts"]["prompts"]
+    assert len(kept) + len(removed) + len(quarantined) == demo_lines
+    assert {q["line"]: q["reason"] for q in quarantined} == {
+        line: plant.bad[("prompts.jsonl", line)] for _, line in demo_planted}
+
+
+def test_prompt_rows_render_truncate_and_carry_ground_truth(rl_prompts: dict[str, Any], tok: Any) -> None:
+    expected = _expected_prompts(rl_prompts["plant"])
+    rows = _rows(rl_prompts["out"])
+    found = {(r["prompt_text"], json.dumps(json.loads(r["ground_truth"]), sort_keys=True)): r for r in rows.values()}
+    # Exactly the valid rows, each with the text a reward function receives: the string prompt, or the last user
+    # message of a conversation (not its rendering).
+    assert len(found) == len(rows) and set(found) == set(expected)
+    pad, truncated = tok.pad_token_id, set()
+    for key, row in found.items():
+        planted = expected[key]
+        ids, n = np.asarray(row["prompt_ids"]), row["prompt_len"]
+        assert ids.shape == (MAX_PROMPT,) and 0 < n <= MAX_PROMPT and (ids[n:] == pad).all()
+        assert json.loads(row["ground_truth"]) == planted.get("ground_truth")  # any JSON value, null when absent
+        if "ground_truth" not in planted or planted["ground_truth"] is None:
+            assert row["ground_truth"] == "null"
+        prompt = planted["prompt"]
+        text = prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, tokenize=False,
+                                                                               add_generation_prompt=True)
+        full = tok(text, add_special_tokens=False)["input_ids"]
+        assert list(ids[:n]) == full[-MAX_PROMPT:], key  # the prompt's last tokens
+        decoded = tok.decode(ids[:n], skip_special_tokens=False)
+        if isinstance(prompt, list):
+            assert decoded.endswith(prompt[-1]["content"][-8:] + IM_END + "\n" + GEN_PROMPT), key
+        else:
+            assert EOS not in decoded and decoded.endswith(prompt[-8:]), key
+        if len(full) > MAX_PROMPT:
+            truncated.add(key[0].split()[-1])
+            assert n == MAX_PROMPT
+        else:
+            assert decoded == text
+    assert {"idLONGx", "idLTx"} <= truncated
+
+
+def test_prompt_parquet_schema_and_loading(rl_prompts: dict[str, Any]) -> None:
+    from raytrain.train.local import LocalShard
+
+    table = pq.read_table(next((rl_prompts["out"] / "train").glob("*.parquet")))
+    assert table.schema.names == ["prompt_ids", "prompt_len", "prompt_text", "ground_truth", "row_id"]
+    for name in ("prompt_text", "ground_truth", "row_id"):
+        assert table.schema.field(name).type == pa.string(), name
+    assert table.schema.field("prompt_len").type == pa.int32()
+    shard = LocalShard(rl_prompts["out"] / "train", 0, 1, columns=("prompt_ids", "prompt_len"))
+    assert shard.columns["prompt_ids"].shape == (shard.num_rows, MAX_PROMPT)
+    assert shard.columns["prompt_ids"].dtype == np.int32 and shard.columns["prompt_len"].dtype == np.int32

@@ -434,8 +434,62 @@ class DPOTask(Section):
         return self
 
 
-TaskSpec = Annotated[PretrainTask | SFTTask | RewardTask | DPOTask, Field(discriminator="type")]
-"""What a training run optimises; `type` selects it: pretrain | sft | reward | dpo."""
+class AdaptiveKLSpec(Section):
+    """Ziegler et al.'s adaptive KL controller (PPO): the coefficient moves so that the measured KL tracks `target`."""
+
+    target: float = Field(6.0, gt=0, description="KL (nats per response, summed over tokens) the controller aims at.")
+    horizon: int = Field(10_000, ge=1, description="Responses over which the coefficient may change by about e.")
+
+
+class RLTask(Section):
+    """Online RL (PPO or GRPO) of a policy against a reward, with a KL term to the frozen reference (its parent).
+
+    One iteration: prompts -> `n_samples` responses each from the rollout engines -> rewards -> reference (and
+    value) log-probs -> advantages -> `ppo_epochs` passes of clipped policy (and value) updates -> weight sync.
+    """
+
+    type: Literal["rl"] = Field("rl", description="Online reinforcement learning from a reward.")
+    algorithm: Literal["ppo", "grpo"] = Field(
+        "grpo", description="grpo: group-normalised advantages over `n_samples` responses per prompt, KL as a loss "
+        "term, no critic. ppo: a critic, GAE, KL as a per-token penalty in the reward.")
+    n_samples: int = Field(4, ge=1, description="Responses sampled per prompt (GRPO's group size; needs >= 2).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each iteration's experience (optimizer updates).")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip: the ratio is kept in [1-eps, 1+eps].")
+    kl_coef: float = Field(
+        0.05, ge=0, description="KL strength: GRPO's beta (loss term); PPO's initial coefficient of the penalty.")
+    kl_estimator: Literal["k1", "k3"] | None = Field(
+        None, description="Per-token KL estimator: k1 = logp - ref (unbiased, can be negative), k3 = "
+        "exp(ref - logp) - (ref - logp) - 1 (non-negative). Unset: k3 for GRPO, k1 for PPO.")
+    adaptive_kl: AdaptiveKLSpec | None = Field(
+        None, description="PPO only: adapt kl_coef towards a target KL (unset: fixed coefficient).")
+    scale_rewards: bool = Field(
+        True, description="GRPO: divide each group's centred rewards by the group's std (false: Dr. GRPO's "
+        "centring only).")
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount of GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: lambda of GAE.")
+    vf_coef: float = Field(0.5, ge=0, description="PPO: weight of the value loss in the combined loss.")
+    value_clip: float = Field(0.2, gt=0, description="PPO: the new value is kept within this of the old one.")
+    normalize_rewards: bool = Field(
+        True, description="PPO: scale scores by a running std of the scores seen so far (kept in checkpoints).")
+    reward_clip: float = Field(10.0, gt=0, description="Scores are clipped to [-reward_clip, reward_clip].")
+    whiten_advantages: bool = Field(True, description="PPO: whiten advantages over each iteration's responses.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight (0: entropy is only reported).")
+
+    @model_validator(mode="after")
+    def _check(self) -> RLTask:
+        if self.algorithm == "grpo" and self.n_samples < 2:
+            raise ValueError("grpo needs n_samples >= 2: advantages are relative to the other responses of a group")
+        if self.algorithm == "grpo" and self.adaptive_kl is not None:
+            raise ValueError("adaptive_kl applies to ppo (KL in the reward); grpo's KL is a fixed-weight loss term")
+        return self
+
+    @property
+    def estimator(self) -> str:
+        return self.kl_estimator or ("k3" if self.algorithm == "grpo" else "k1")
+
+
+TaskSpec = Annotated[PretrainTask | SFTTask | RewardTask | DPOTask | RLTask, Field(discriminator="type")]
+"""What a training run optimises; `type` selects it: pretrain | sft | reward | dpo | rl."""
 
 
 class TrainSpec(Section):
@@ -446,7 +500,7 @@ class TrainSpec(Section):
     )
     task: TaskSpec = Field(
         default_factory=PretrainTask,
-        description="What the run optimises (`type`: pretrain | sft | reward | dpo) and that task's settings.",
+        description="What the run optimises (`type`: pretrain | sft | reward | dpo | rl) and that task's settings.",
     )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
     use_gpu: bool = Field(False, description="One GPU per worker (nccl) instead of CPU (gloo).")
@@ -499,6 +553,8 @@ class AlignmentDemoSpec(Section):
     num_sft: int = Field(1200, ge=10, description="Demonstrations (conversations) generated for SFT.")
     num_pairs: int = Field(1600, ge=10, description="Comparison pairs labelled by the hidden preference rule.")
     num_eval_prompts: int = Field(64, ge=1, description="Held-out prompts the alignment evaluation samples from.")
+    num_prompts: int = Field(
+        800, ge=10, description="Prompts for online RL (prompts.jsonl): from the training pool, none held out.")
     seed: int = Field(0, description="Generator seed (same seed, same bytes).")
 
 
@@ -520,6 +576,9 @@ class PostTrainDataSpec(Section):
     completion_field: str = Field("completion", description="SFT completion (a string or a list of messages).")
     chosen_field: str = Field("chosen", description="Preferred response (a string or a list of messages).")
     rejected_field: str = Field("rejected", description="Dispreferred response (a string or a list of messages).")
+    ground_truth_field: str = Field(
+        "ground_truth", description="RL prompts: an optional reference answer (any JSON value) handed to reward "
+        "functions as `ground_truth`.")
     max_length: int = Field(256, ge=8, description="Longest prompt + response in tokens.")
     max_prompt_length: int = Field(
         128, ge=1,
@@ -548,6 +607,10 @@ _POST_TRAIN_DEFAULTS: dict[str, dict] = {
                "checkpoint_every": 50},
     "dpo": {"task": {"type": "dpo"}, "lr": 5e-4, "warmup_steps": 5, "max_steps": 100, "weight_decay": 0.0,
             "checkpoint_every": 50},
+    # RL counts in iterations (rl.iterations, rl.checkpoint_every): the stage derives max_steps and the step
+    # cadences from them, so these are placeholders a recipe does not need to set.
+    "rl": {"task": {"type": "rl"}, "lr": 2e-4, "warmup_steps": 0, "max_steps": 1, "schedule": "constant",
+           "weight_decay": 0.0, "checkpoint_every": 1, "log_every": 1, "shuffle_buffer": 0, "grad_clip": 1.0},
 }
 
 
@@ -596,13 +659,121 @@ def _stage_spec(stage: str, data_name: str) -> type[PostTrainStageSpec]:
                                  f"'{self.train.task.type}'")
             return self
 
-    StageSpec.__name__ = StageSpec.__qualname__ = {"sft": "SFT", "reward": "Reward", "dpo": "DPO"}[stage] + "StageSpec"
+    StageSpec.__name__ = StageSpec.__qualname__ = {"sft": "SFT", "reward": "Reward", "dpo": "DPO",
+                                                   "rl": "RLBase"}[stage] + "StageSpec"
     return StageSpec
 
 
 SFTStageSpec = _stage_spec("sft", "demo-sft")
 RewardStageSpec = _stage_spec("reward", "demo-prefs")
 DPOStageSpec = _stage_spec("dpo", "demo-prefs")
+
+
+class VLLMRolloutSpec(Section):
+    """vLLM engine arguments for rollout engines on GPU clusters (`vllm.LLM(**kwargs)`; not installable on CPU)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per rollout engine (tensor parallel).")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=0.95, description="Share of each engine GPU's memory vLLM may take (weights + KV cache).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights' dtype.")
+    enforce_eager: bool = Field(False, description="Skip CUDA graph capture (faster start, slower decode).")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context of the engine. Unset: prompt + response lengths of this stage.")
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of a prompt shared by a group.")
+    enable_sleep_mode: bool = Field(
+        False, description="Colocated placement: free the engine's KV cache while the policy trains (vLLM sleep).")
+
+
+class RolloutSpec(Section):
+    """Where and how responses are sampled: engines behind the serving engine protocol."""
+
+    backend: Literal["torch", "vllm"] = Field(
+        "torch", description="torch: serving.engine.TorchEngine (CPU or one GPU). vllm: vLLM engines (GPU clusters).")
+    placement: Literal["colocated", "split"] = Field(
+        "colocated", description="colocated: each training worker holds its rollout engine, reference and reward "
+        "model (one set of devices). split: rollout engines, reference and reward models are their own Ray actor "
+        "groups, and each worker sends them its share.")
+    num_engines: int | None = Field(
+        None, ge=1, description="split: rollout engine actors (unset: one per training worker). Worker r uses "
+        "engine r mod num_engines.")
+    num_cpus: float = Field(1.0, ge=0, description="split: CPUs each actor (engine, reference, reward) reserves.")
+    num_gpus: float = Field(
+        0.0, ge=0, description="split: GPUs each actor reserves (vllm: tensor_parallel_size when unset as 0).")
+    prompts_per_iteration: int = Field(
+        16, ge=1, description="Prompts per iteration over all workers (each worker takes an equal share).")
+    max_new_tokens: int = Field(48, ge=1, description="Longest response in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
+    engine_batch_size: int = Field(64, ge=1, description="torch: rows an engine decodes together.")
+    max_engine_restarts: int = Field(
+        3, ge=0, description="split: times Ray restarts a dead engine actor; the worker then re-syncs weights and "
+        "re-generates the same (seeded) responses.")
+    vllm: VLLMRolloutSpec = Field(default_factory=VLLMRolloutSpec, description="vLLM engine settings (backend vllm).")
+
+
+class RewardFunctionSpec(Section):
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="`module:function` taking (prompts, completions, ground_truth=None, **kwargs) -> list of floats "
+        "(TRL's reward-function convention), e.g. raytrain.posttrain.demo:reward.")
+    weight: float = Field(1.0, description="Weight of this function in the summed reward.")
+
+
+class RewardSourceSpec(Section):
+    """What scores a response: a reward model, Python functions, or both (weighted sum)."""
+
+    model: str | None = Field(
+        None, description="Reward model (one-label sequence classifier): a registry reference (models:/<name>/…), "
+        "a path or URI. Unset: this spec's reward stage export when `functions` is empty.")
+    model_weight: float = Field(1.0, description="Weight of the reward model's score in the sum.")
+    functions: list[RewardFunctionSpec] = Field(default_factory=list, description="Rule-based reward functions.")
+
+
+class RLStageSpec(_stage_spec("rl", "demo-prompts")):  # type: ignore[misc]
+    """Online RL (`raytrain rl`): a policy from an SFT export, trained against a reward with PPO or GRPO."""
+
+    data: PostTrainDataSpec = Field(
+        default_factory=lambda: PostTrainDataSpec(name="demo-prompts", max_length=112, max_prompt_length=64),
+        description="Prompts ({prompt: str | messages, ground_truth?}); max_prompt_length bounds the prompt, "
+        "max_length prompt + response.")
+    iterations: int = Field(20, ge=1, description="RL iterations (rollout, score, update, sync).")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Rollout engines.")
+    reward: RewardSourceSpec = Field(default_factory=RewardSourceSpec, description="Reward sources.")
+    checkpoint_every: int = Field(5, ge=1, description="Iterations between checkpoints (and one at the end).")
+    eval_every: int = Field(5, ge=0, description="Iterations between held-out evaluations (0: only at the end).")
+    eval_prompts: int = Field(32, ge=1, description="Held-out prompts (the val split) each evaluation samples.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> RLStageSpec:
+        t, task, r = self.train, self.train.task, self.rollout
+        if r.prompts_per_iteration % t.num_workers:
+            raise ValueError(f"rollout.prompts_per_iteration ({r.prompts_per_iteration}) must be a multiple of "
+                             f"train.num_workers ({t.num_workers}): each worker takes an equal share")
+        rows = r.prompts_per_iteration // t.num_workers * task.n_samples
+        per_step = t.micro_batch_size * t.grad_accum_steps
+        if rows % per_step:
+            raise ValueError(f"each worker's responses per iteration (rollout.prompts_per_iteration / num_workers x "
+                             f"train.task.n_samples = {rows}) must be a multiple of train.micro_batch_size x "
+                             f"train.grad_accum_steps ({per_step})")
+        if r.max_new_tokens + self.data.max_prompt_length > self.data.max_length:
+            raise ValueError(f"rollout.max_new_tokens ({r.max_new_tokens}) + data.max_prompt_length "
+                             f"({self.data.max_prompt_length}) exceeds data.max_length ({self.data.max_length})")
+        if r.backend == "vllm" and not t.use_gpu:
+            raise ValueError("rollout.backend 'vllm' needs train.use_gpu: true (vLLM runs on GPUs only); "
+                             "use backend 'torch' on CPU")
+        if task.algorithm == "ppo" and task.adaptive_kl is not None and task.kl_coef == 0:
+            raise ValueError("train.task.adaptive_kl needs kl_coef > 0 to adapt (a zero coefficient stays zero)")
+        if r.backend == "vllm":
+            from raytrain.rl.vllm_engine import validate  # no vLLM import: the rules need only the spec
+
+            validate(self)
+        return self
+
+    @property
+    def steps_per_iteration(self) -> int:
+        t = self.train
+        rows = self.rollout.prompts_per_iteration // t.num_workers * t.task.n_samples
+        return t.task.ppo_epochs * rows // (t.micro_batch_size * t.grad_accum_steps)
 
 
 class PerplexityEvalSpec(Section):
@@ -834,6 +1005,9 @@ class JobSpec(Section):
     sft: SFTStageSpec | None = Field(None, description="Supervised fine-tuning stage (unset: the pipeline skips it).")
     reward: RewardStageSpec | None = Field(None, description="Reward-model stage (unset: the pipeline skips it).")
     dpo: DPOStageSpec | None = Field(None, description="DPO stage (unset: the pipeline skips it).")
+    rl: RLStageSpec | None = Field(
+        None, description="Online RL stage, PPO or GRPO (unset: the pipeline skips it; set: the pipeline runs it "
+        "instead of dpo).")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation stage.")
     promote: PromoteSpec = Field(default_factory=PromoteSpec, description="Promotion gate (registry aliases).")
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Serving stage.")

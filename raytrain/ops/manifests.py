@@ -65,7 +65,7 @@ def rayjob(
         argv.append(f"storage.root={storage_root}")
     if run_name:
         # Post-training stages keep their run in their own section (sft.train.run_name …).
-        section = stage if stage in ("sft", "reward", "dpo") else "train"
+        section = stage if stage in ("sft", "reward", "dpo", "rl") else "train"
         argv.append(f"{section}.train.run_name={run_name}" if section != "train" else f"train.run_name={run_name}")
     argv += list(overrides)
     spec: dict[str, Any] = {

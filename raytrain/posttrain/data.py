@@ -1,6 +1,6 @@
-"""Post-training data (SFT demonstrations, preference pairs) through Ray Data, accounted like the corpus.
+"""Post-training data (SFT demonstrations, preference pairs, RL prompts) through Ray Data, accounted like the corpus.
 
-`prepare_posttrain_data` reads JSONL or Parquet files, renders every row into token ids and a loss mask,
+`prepare_posttrain_data` reads JSONL or Parquet files, renders every row into token ids (and a loss mask),
 quarantines malformed rows with a reason, removes exact duplicates, splits train/val by a stable hash and writes
 fixed-size token arrays as Parquet. Every row read at the source is exactly one of kept, removed or quarantined,
 file by file; the stage fails (`AccountingError`) otherwise.
@@ -12,39 +12,47 @@ Row formats, decided per row by the fields present (field names come from the sp
 * Preference: ``prompt`` + ``chosen`` + ``rejected`` (strings or message lists), or ``chosen`` + ``rejected`` with
   an implicit prompt: the longest common prefix of the two (of messages for lists; of characters for strings,
   moved back before a space so a response starts with its space, as TRL's ``extract_prompt`` does).
+* Prompt (online RL: PPO / GRPO): ``prompt`` (a non-empty string, or a list of messages whose last one is a user
+  turn) and an optional ``ground_truth`` (any JSON value, handed to reward functions). No response: the policy
+  samples it.
 
 Rendering follows TRL: strings are plain text, ``prompt + completion + EOS``, no chat template; message lists go
-through the tokenizer's chat template. The loss mask marks the tokens that are prediction targets, aligned with
-the ids (not shifted): for strings the completion and its EOS; for messages the content and end-of-turn tokens of
-every trained turn (every assistant turn of a ``messages`` row; the completion / chosen / rejected messages
-otherwise), never the turn's header. The mask is found by rendering prefixes of the conversation (with and without
-the generation prompt) and diffing their token ids; a template whose renders are not prefixes of one another would
-give a wrong mask, so such a row is quarantined instead.
+through the tokenizer's chat template. An RL prompt has no loss mask: a string is encoded as is (no EOS), a message
+list rendered with the generation prompt, so that sampling starts the assistant's turn. The loss mask marks the
+tokens that are prediction targets, aligned with the ids (not shifted): for strings the completion and its EOS; for
+messages the content and end-of-turn tokens of every trained turn (every assistant turn of a ``messages`` row; the
+completion / chosen / rejected messages otherwise), never the turn's header. The mask is found by rendering
+prefixes of the conversation (with and without the generation prompt) and diffing their token ids; a template whose
+renders are not prefixes of one another would give a wrong mask, so such a row is quarantined instead.
 
 Truncation policy (the spec's `max_prompt_length` / `max_length`): the prompt is every token before the first loss
 token. A prompt longer than `max_prompt_length` keeps its last `max_prompt_length` tokens (the ones next to the
 response); then the response is cut from its end so prompt + response fit in `max_length`. A row with no loss
 token left would be quarantined (``truncated_to_nothing``); since the response begins with a loss token and keeps at
 least `max_length - max_prompt_length` tokens, that is a guard rather than a case. Preference rows truncate the
-shared prompt once and both responses with it.
+shared prompt once and both responses with it. RL prompts keep their last `max_prompt_length` tokens too.
 
 Quarantine reasons (stable; also `QUARANTINE_REASONS`): ``unparseable_json``, ``bad_utf8``, ``blank_line``,
 ``too_large``, ``not_an_object``, ``missing_field:<field>``, ``bad_type:<field>``, ``mixed_types``,
 ``bad_message``, ``bad_role``, ``non_string_content``, ``empty_content``, ``empty_prompt``, ``empty_response``,
-``no_assistant_turn``, ``non_assistant_response``, ``identical_pair``, ``template_error``,
-``template_not_prefix_consistent``, ``truncated_to_nothing``, ``prepare_error:<exception>``. Removal reason:
-``duplicate`` (same normalized example: the roles, contents and trained turns, or the prompt and responses after
-implicit-prompt extraction; JSON formatting, key order and extra fields do not count). Of a group of duplicates
-the row with the smallest (source file, line) is kept.
+``no_assistant_turn``, ``non_assistant_response``, ``identical_pair``, ``prompt_ends_with_assistant``,
+``prompt_ends_with_system``, ``template_error``, ``template_not_prefix_consistent``, ``truncated_to_nothing``,
+``prepare_error:<exception>``. Removal reason: ``duplicate`` (same normalized example: the roles, contents and
+trained turns, the prompt and responses after implicit-prompt extraction, or an RL prompt and its ground truth; JSON
+formatting, key order and extra fields do not count). Of a group of duplicates the row with the smallest (source
+file, line) is kept.
 
 Split: ``val`` when a hash of (salt, normalized example) falls below `val_fraction`, so duplicates and reruns land in
 the same split. ``row_id`` is that example hash.
 
-Layout under `out` (datasets/<name>/): ``train/`` and ``val/`` Parquet (columns: `SFT_COLUMNS` or `PAIR_COLUMNS`,
-arrays padded to `max_length` with the PAD id), ``quarantine/*.jsonl`` and ``removed/*.jsonl`` (source, line,
-reason, a sample of the raw row), ``report.json`` (counts and a few samples per reason) and ``manifest.json``,
-written last: a manifest always describes complete data. Its ``key`` hashes everything the output depends on; a
-call whose key matches the manifest on disk returns it without touching the data.
+Layout under `out` (datasets/<name>/): ``train/`` and ``val/`` Parquet (columns: `SFT_COLUMNS`, `PAIR_COLUMNS` or
+`PROMPT_COLUMNS`; arrays padded with the PAD id to `max_length`, an RL prompt's ``prompt_ids`` to
+`max_prompt_length`; an RL prompt's ``prompt_text`` is what a reward function receives, the string prompt or the
+content of the last user message, and ``ground_truth`` the value's JSON text, ``null`` when absent),
+``quarantine/*.jsonl`` and ``removed/*.jsonl`` (source, line, reason, a sample of the raw row), ``report.json``
+(counts and a few samples per reason) and ``manifest.json``, written last: a manifest always describes complete
+data. Its ``key`` hashes everything the output depends on; a call whose key matches the manifest on disk returns it
+without touching the data.
 
 One Ray Data execution does the work: read -> render (map_batches) -> dedup (groupby on the example key) -> sink
 (removed / quarantined rows to JSONL, per-block counts to a small file, kept rows on) -> Parquet write by split.
@@ -95,7 +103,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PAIR_COLUMNS", "QUARANTINE_REASONS", "SFT_COLUMNS", "AccountingError", "prepare_posttrain_data"]
+__all__ = ["PAIR_COLUMNS", "PROMPT_COLUMNS", "QUARANTINE_REASONS", "SFT_COLUMNS", "AccountingError",
+           "prepare_posttrain_data"]
 
 # Bump when the output for the same inputs changes: the cache key includes it.
 PREP_VERSION = 1
@@ -108,8 +117,13 @@ SHUFFLE_PARTITION_BYTES = 64 << 20
 SFT_COLUMNS = ("input_ids", "loss_mask", "num_tokens", "row_id")
 PAIR_COLUMNS = ("chosen_ids", "chosen_mask", "chosen_len", "rejected_ids", "rejected_mask", "rejected_len",
                 "prompt_len", "row_id")
+PROMPT_COLUMNS = ("prompt_ids", "prompt_len", "prompt_text", "ground_truth", "row_id")
+COLUMNS = {"sft": SFT_COLUMNS, "preference": PAIR_COLUMNS, "prompt": PROMPT_COLUMNS}
+KINDS = tuple(COLUMNS)
 ARRAY_DTYPES = {"input_ids": np.int32, "loss_mask": np.int8, "chosen_ids": np.int32, "chosen_mask": np.int8,
-                "rejected_ids": np.int32, "rejected_mask": np.int8}
+                "rejected_ids": np.int32, "rejected_mask": np.int8, "prompt_ids": np.int32}
+# Final columns holding text; the others are int32 scalars or the arrays above.
+STRING_COLUMNS = ("row_id", "prompt_text", "ground_truth")
 # Columns of the intermediate rows besides the final ones: provenance and accounting.
 META_COLUMNS = ("status", "reason", "split", "source", "line", "sample", "key", "dup_source", "dup_line",
                 "tokens", "loss_tokens")
@@ -127,11 +141,13 @@ QUARANTINE_REASONS = {
     "bad_role": "a message role that is missing or not system/user/assistant",
     "non_string_content": "a message content that is missing or not a string",
     "empty_content": "a prompt-side message with empty (whitespace-only) content",
-    "empty_prompt": "no prompt: an empty prompt string, or no message before the first trained turn",
+    "empty_prompt": "no prompt: an empty prompt string or message list, or no message before the first trained turn",
     "empty_response": "an empty completion / chosen / rejected, or a trained turn with empty content",
     "no_assistant_turn": "a messages row without an assistant turn",
     "non_assistant_response": "a completion / chosen / rejected message whose role is not assistant",
     "identical_pair": "chosen and rejected are the same",
+    "prompt_ends_with_assistant": "an RL prompt (message list) whose last message is an assistant turn",
+    "prompt_ends_with_system": "an RL prompt (message list) whose last message is a system message",
     "template_error": "the chat template raised on the conversation",
     "template_not_prefix_consistent": "renders of the conversation's prefixes are not prefixes of the whole",
     # A guard: the response starts with a loss token and keeps max_length - max_prompt_length >= 1 tokens, so this
@@ -329,6 +345,28 @@ def parse_pair(record: dict[str, Any], spec: PostTrainDataSpec) -> tuple[str, An
     return "chat", (p, c, r)
 
 
+def parse_prompt(record: dict[str, Any], spec: PostTrainDataSpec) -> tuple[str, Any]:
+    """('text', (prompt, ground truth)) or ('chat', (messages, ground truth)) of one RL prompt row.
+
+    The ground truth is any JSON value, None when the field is absent or null.
+    """
+    prompt = _field(record, spec.prompt_field)
+    ground_truth = record.get(spec.ground_truth_field)
+    if _kind_of([(spec.prompt_field, prompt)]) == "text":
+        if not prompt.strip():
+            raise Quarantine("empty_prompt")
+        return "text", (prompt, ground_truth)
+    msgs = _messages(prompt, spec.prompt_field)
+    if not msgs:
+        raise Quarantine("empty_prompt")
+    if msgs[-1]["role"] != "user":  # the policy answers the last user turn
+        raise Quarantine(f"prompt_ends_with_{msgs[-1]['role']}")
+    for m in msgs:
+        if not m["content"].strip():
+            raise Quarantine("empty_content")
+    return "chat", (msgs, ground_truth)
+
+
 def example_key(kind: str, parsed: Any) -> str:
     """Hash of the normalized example: what dedup compares, the split hashes and `row_id` is."""
     body = json.dumps([kind, parsed], ensure_ascii=False, separators=(",", ":"), sort_keys=True)
@@ -424,6 +462,17 @@ class Renderer:
         ri, rm, _ = self.truncate(*r, keep=keep)
         return (ci, cm), (ri, rm), keep
 
+    def prompt(self, kind: str, parsed: Any) -> tuple[list[int], str]:
+        """An RL prompt's ids (its last `max_prompt_length`) and the text a reward function receives."""
+        value, _ = parsed
+        if kind == "text":
+            ids, text = self.encode([value])[0], value
+        else:
+            ids, text = self.encode([self._render(value, True)])[0], value[-1]["content"]
+        if not ids:  # a guard: a non-blank string or a rendered template encodes to at least one token
+            raise Quarantine("empty_prompt")
+        return ids[-self.max_prompt_length:], text
+
 
 # ----------------------------------------------------------------------------------------------- reading
 
@@ -486,43 +535,57 @@ def prepare_batch(batch: pa.Table, kind: str, spec_json: str, tok_sha: str, tok_
     items = zip(batch.column("raw").to_pylist(), batch.column("source").to_pylist(),
                 batch.column("line").to_pylist(), strict=True)
     rows = ((raw, source, line, *parse_jsonl_line(raw, MAX_LINE_BYTES)) for raw, source, line in items)
-    n_max = spec.max_length
-    names = ("input_ids", "loss_mask") if kind == "sft" else ("chosen_ids", "chosen_mask", "rejected_ids",
-                                                             "rejected_mask")
+    # RL prompts have no response: their one array is the prompt, padded to max_prompt_length.
+    n_max = spec.max_prompt_length if kind == "prompt" else spec.max_length
+    names = {"sft": ("input_ids", "loss_mask"), "preference": ("chosen_ids", "chosen_mask", "rejected_ids",
+                                                               "rejected_mask"), "prompt": ("prompt_ids",)}[kind]
+    parse = {"sft": parse_sft, "preference": parse_pair, "prompt": parse_prompt}[kind]
     arrays = {n: [] for n in names}
     lens: dict[str, list[int]] = defaultdict(list)
+    texts: dict[str, list[str]] = defaultdict(list)
     meta: dict[str, list[Any]] = {c: [] for c in META_COLUMNS} | {"row_id": []}
     for raw, source, line, record, error in rows:
-        reason, key, outs, plen = error, "", [], 0
+        reason, key, outs, plen, extra = error, "", [], 0, {}
         if error == "invalid_json":
             reason = "unparseable_json"
         if not reason:
             try:
-                fmt, parsed = parse_sft(record, spec) if kind == "sft" else parse_pair(record, spec)
+                fmt, parsed = parse(record, spec)
                 key = example_key(f"{kind}-{fmt}", parsed)
                 if kind == "sft":
                     outs = [renderer.sft(fmt, parsed)]
-                else:
+                elif kind == "preference":
                     c, r, plen = renderer.pair(fmt, parsed)
                     outs = [c, r]
+                else:
+                    ids, text = renderer.prompt(fmt, parsed)
+                    outs = [(ids, [0] * len(ids))]
+                    extra = {"prompt_text": text,
+                             "ground_truth": json.dumps(parsed[1], ensure_ascii=False, separators=(",", ":"))}
             except Quarantine as q:
                 reason = q.reason
             except Exception as exc:  # a bug on one row quarantines that row; the stage goes on
                 log.warning("quarantined %s:%s: preparing it raised %r", source, line, exc)
                 reason = f"prepare_error:{type(exc).__name__}"
         if reason:
-            outs = [([], [])] * (1 if kind == "sft" else 2)
+            outs = [([], [])] * (2 if kind == "preference" else 1)
+            extra = {"prompt_text": "", "ground_truth": ""}
             key = f"q:{source}:{line}"  # unique: quarantined rows are never duplicates of anything
         for j, (ids, mask) in enumerate(outs):
             arrays[names[2 * j]].append(ids)
-            arrays[names[2 * j + 1]].append(mask)
+            if kind != "prompt":
+                arrays[names[2 * j + 1]].append(mask)
         tokens = sum(len(ids) for ids, _ in outs)
         if kind == "sft":
             lens["num_tokens"].append(len(outs[0][0]))
-        else:
+        elif kind == "preference":
             lens["chosen_len"].append(len(outs[0][0]))
             lens["rejected_len"].append(len(outs[1][0]))
             lens["prompt_len"].append(plen)
+        else:
+            lens["prompt_len"].append(len(outs[0][0]))
+            for col in ("prompt_text", "ground_truth"):
+                texts[col].append(extra[col])
         status = QUARANTINED if reason else KEPT
         split = split_of(key, spec.val_fraction, 0.0, spec.salt) if not reason else ""
         for col, value in (("status", status), ("reason", reason),
@@ -540,6 +603,8 @@ def prepare_batch(batch: pa.Table, kind: str, spec_json: str, tok_sha: str, tok_
         out[name] = arr
     for name, values in lens.items():
         out[name] = np.asarray(values, dtype=np.int32)
+    for name, values in texts.items():
+        out[name] = np.asarray(values, dtype=object)
     for col, values in meta.items():
         if col in ("line", "dup_line", "tokens", "loss_tokens"):
             out[col] = np.asarray(values, dtype=np.int64)
@@ -606,8 +671,7 @@ def sink_outcomes(batch: dict[str, np.ndarray], out: str, counts_dir: str, kind:
         storage.write_json(storage.join(counts_dir, name + ".json"), {
             "rows": [[*k, *v] for k, v in sorted(acc.items())], "samples": samples})
     keep = np.asarray([s == KEPT for s in status], dtype=bool)
-    final = SFT_COLUMNS if kind == "sft" else PAIR_COLUMNS
-    return {c: np.asarray(batch[c])[keep] for c in (*final, "split")}
+    return {c: np.asarray(batch[c])[keep] for c in (*COLUMNS[kind], "split")}
 
 
 # ----------------------------------------------------------------------------------------------- the stage
@@ -633,13 +697,15 @@ def _cache_key(kind: str, spec: PostTrainDataSpec, tok_sha: str, inputs: list[li
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def _columns(kind: str, max_length: int) -> list[dict[str, Any]]:
+def _columns(kind: str, max_length: int, max_prompt_length: int) -> list[dict[str, Any]]:
+    width = max_prompt_length if kind == "prompt" else max_length
+
     def col(name: str) -> dict[str, Any]:
         if name in ARRAY_DTYPES:
-            return {"name": name, "dtype": np.dtype(ARRAY_DTYPES[name]).name, "shape": [max_length]}
-        return {"name": name, "dtype": "string" if name == "row_id" else "int32", "shape": []}
+            return {"name": name, "dtype": np.dtype(ARRAY_DTYPES[name]).name, "shape": [width]}
+        return {"name": name, "dtype": "string" if name in STRING_COLUMNS else "int32", "shape": []}
 
-    return [col(c) for c in (SFT_COLUMNS if kind == "sft" else PAIR_COLUMNS)]
+    return [col(c) for c in COLUMNS[kind]]
 
 
 def _cached(manifest_path: str, key: str, out: str) -> dict[str, Any] | None:
@@ -654,10 +720,11 @@ def _cached(manifest_path: str, key: str, out: str) -> dict[str, Any] | None:
     return manifest if manifest.get("key") == key and complete else None
 
 
-def prepare_posttrain_data(kind: Literal["sft", "preference"], spec: PostTrainDataSpec, tokenizer_dir: str,
+def prepare_posttrain_data(kind: Literal["sft", "preference", "prompt"], spec: PostTrainDataSpec, tokenizer_dir: str,
                            out: str, *, input_paths: list[str] | None = None,
                            quarantine_sample_bytes: int = 4096, versioned: bool = False) -> dict[str, Any]:
-    """Prepare SFT (`kind="sft"`) or preference (`kind="preference"`) data; returns the manifest.
+    """Prepare SFT (`kind="sft"`), preference (`kind="preference"`) or RL prompt (`kind="prompt"`) data; returns the
+    manifest.
 
     `tokenizer_dir`: a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json with a chat template);
     its files travel with the Ray tasks, so workers need no shared filesystem. `out`: datasets/<name>/ (local path or
@@ -670,8 +737,8 @@ def prepare_posttrain_data(kind: Literal["sft", "preference"], spec: PostTrainDa
     import ray
     import ray.data
 
-    if kind not in ("sft", "preference"):
-        raise ValueError(f"kind must be 'sft' or 'preference', not {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, not {kind!r}")
     t0 = time.time()
     out = storage.normalize_root(out)
     paths = [storage.normalize_root(p) for p in (input_paths if input_paths is not None else spec.paths)]
@@ -784,7 +851,7 @@ def prepare_posttrain_data(kind: Literal["sft", "preference"], spec: PostTrainDa
         "path": out,
         "sources": [{"path": f, "rows": read_by_source.get(_source_name(f), 0)} for f in files],
         "skipped_files": skipped,
-        "columns": _columns(kind, spec.max_length),
+        "columns": _columns(kind, spec.max_length, spec.max_prompt_length),
         "data_spec": spec.model_dump(mode="json"),
     }
     storage.write_json(manifest_path, manifest)  # last: the commit point

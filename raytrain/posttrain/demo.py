@@ -1,13 +1,15 @@
 """An embedded alignment demo: SFT demonstrations, preference pairs and held-out prompts with a known reward.
 
-``write_alignment_demo`` generates, without any download, the three datasets post-training needs, plus the
-ground truth that lets the platform check itself end to end:
+``write_alignment_demo`` generates, without any download, the datasets post-training needs, plus the ground truth
+that lets the platform check itself end to end:
 
 * ``sft.jsonl``: conversations ``{"messages": [user, assistant]}``;
 * ``prefs.jsonl``: comparisons ``{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}``;
-* ``eval_prompts.jsonl``: ``{"prompt": [user]}``, prompts that appear in neither training file;
-* ``planted.json``: the malformed rows mixed into ``sft.jsonl`` and ``prefs.jsonl`` (1-based ``line`` and the
-  ``reason`` data preparation must give), so the preparation step's quarantine can be scored.
+* ``prompts.jsonl``: prompts for online RL (PPO / GRPO) ``{"prompt": [user]}``, distinct, from the training pool;
+* ``eval_prompts.jsonl``: ``{"prompt": [user]}``, prompts that appear in no training file;
+* ``planted.json``: the malformed rows mixed into ``sft.jsonl``, ``prefs.jsonl`` and ``prompts.jsonl`` (``file``,
+  1-based ``line`` and the ``reason`` data preparation must give), so the preparation step's quarantine can be
+  scored.
 
 The hidden preference rule is :func:`score`: users ask for a short review of a venue, product or work, and a
 response is better the warmer it is, i.e. the larger the share of positive over negative sentiment adjectives
@@ -37,16 +39,18 @@ from raytrain import storage
 if TYPE_CHECKING:
     from raytrain.config.schema import AlignmentDemoSpec
 
-__all__ = ["NEGATIVE_WORDS", "PLANTED_REASONS", "POSITIVE_WORDS", "SCORE_RANGE", "score", "write_alignment_demo"]
+__all__ = ["NEGATIVE_WORDS", "PLANTED_REASONS", "POSITIVE_WORDS", "SCORE_RANGE", "reward", "score",
+           "write_alignment_demo"]
 
 # Reasons data preparation gives for a malformed row; ``missing_field`` is written as ``missing_field:<name>``
-# (``missing_field:messages``, ``missing_field:rejected``) in planted.json. Shared by name with
-# ``raytrain.posttrain.data``.
+# (``missing_field:messages``, ``missing_field:rejected``, ``missing_field:prompt``) in planted.json. Shared by name
+# with ``raytrain.posttrain.data``.
 PLANTED_REASONS = ("unparseable_json", "missing_field", "bad_role", "non_string_content", "empty_response",
-                   "identical_pair")
+                   "identical_pair", "empty_prompt")
 _SFT_PLANTS = ("unparseable_json", "missing_field:messages", "bad_role", "non_string_content", "empty_response")
 _PREF_PLANTS = ("unparseable_json", "missing_field:rejected", "bad_role", "non_string_content", "empty_response",
                 "identical_pair")
+_PROMPT_PLANTS = ("unparseable_json", "missing_field:prompt", "bad_role", "non_string_content", "empty_prompt")
 _PLANTED_FRACTION = 0.015
 
 SCORE_RANGE = (-1.0, 1.0)
@@ -134,6 +138,20 @@ def score(prompt: str, response: str) -> float:
     pos = sum(w in POSITIVE_WORDS for w in words)
     neg = sum(w in NEGATIVE_WORDS for w in words)
     return (pos - neg) / (pos + neg) if pos + neg else 0.0
+
+
+def reward(prompts: list[Any], completions: list[Any], ground_truth: list[Any] | None = None,
+           **kwargs: Any) -> list[float]:
+    """:func:`score` over a batch, in TRL's reward-function convention (usable as ``raytrain.posttrain.demo:reward``
+    by `rl.reward.functions` and by TRL's ``GRPOTrainer``). Conversational values use their last message's text."""
+    del ground_truth, kwargs
+    return [score(_text(p), _text(c)) for p, c in zip(prompts, completions, strict=True)]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):
+        return str(value[-1]["content"]) if value else ""
+    return str(value)
 
 
 class _Item:
@@ -258,7 +276,7 @@ def _pref_rows(rng: random.Random, pool: list[tuple[str, _Item]], n: int) -> lis
 def _malformed(reason: str, row: dict[str, Any]) -> str:
     """One line of JSONL that is `row` broken so that data preparation must reject it for `reason`."""
     row = json.loads(json.dumps(row))  # deep copy
-    msgs = row.get("messages") or row["chosen"]
+    msgs = row.get("messages") or row.get("chosen") or row["prompt"]  # an SFT row, a pair, an RL prompt
     if reason == "unparseable_json":
         line = json.dumps(row)
         return line[: len(line) // 2]  # a truncated object: never valid JSON
@@ -272,6 +290,8 @@ def _malformed(reason: str, row: dict[str, Any]) -> str:
         (row["messages"] if "messages" in row else row["rejected"])[-1]["content"] = ""
     elif reason == "identical_pair":
         row["rejected"] = row["chosen"]
+    elif reason == "empty_prompt":
+        row["prompt"] = ""
     else:
         raise ValueError(f"unknown planted reason {reason!r}")
     return json.dumps(row)
@@ -298,11 +318,20 @@ def _with_plants(rng: random.Random, rows: list[dict[str, Any]], kinds: tuple[st
     return ("\n".join(out) + "\n").encode(), planted
 
 
-def write_alignment_demo(out_dir: str, cfg: AlignmentDemoSpec) -> dict[str, Any]:
-    """Write the demo's ``sft.jsonl``, ``prefs.jsonl``, ``eval_prompts.jsonl`` and ``planted.json`` to `out_dir`.
+def _prompt_rows(rng: random.Random, pool: list[tuple[str, _Item]], n: int) -> list[dict[str, Any]]:
+    """`n` distinct prompts of `pool` (RL samples its own responses: a repeated prompt would only be removed)."""
+    if n > len(pool):
+        raise ValueError(f"num_prompts={n} is too many: the demo has {len(pool)} training prompts")
+    return [{"prompt": [_user(prompt)]} for prompt, _ in rng.sample(pool, n)]
 
-    `out_dir` is a local path or an object-store URI. Returns ``{"sft", "prefs", "eval_prompts", "planted"}``
-    paths and ``counts`` (valid rows per file, and malformed rows planted per file). Same `cfg`: same bytes.
+
+def write_alignment_demo(out_dir: str, cfg: AlignmentDemoSpec) -> dict[str, Any]:
+    """Write the demo's ``sft.jsonl``, ``prefs.jsonl``, ``prompts.jsonl``, ``eval_prompts.jsonl`` and
+    ``planted.json`` to `out_dir`.
+
+    `out_dir` is a local path or an object-store URI. Returns ``{"sft", "prefs", "prompts", "eval_prompts",
+    "planted"}`` paths and ``counts`` (valid rows per file, and malformed rows planted per file). Same `cfg`: same
+    bytes. Each file has its own random streams, so adding one leaves the others' bytes as they were.
     """
     pool = _prompt_pool()
     # Held-out prompts come off the shuffled pool first: no training row can use them.
@@ -320,14 +349,19 @@ def write_alignment_demo(out_dir: str, cfg: AlignmentDemoSpec) -> dict[str, Any]
     pref_bytes, pref_planted = _with_plants(random.Random(f"{cfg.seed}-prefs-plants"), prefs, _PREF_PLANTS,
                                             "prefs.jsonl")
     eval_bytes = "".join(json.dumps({"prompt": [_user(p)]}) + "\n" for p, _ in held_out).encode()
+    # RL prompts: the training pool only (never a held-out prompt), one stream for the rows and their plants.
+    prompt_rng = random.Random(f"{cfg.seed}-prompts-rl")
+    prompts = _prompt_rows(prompt_rng, train_pool, cfg.num_prompts)
+    prompt_bytes, prompt_planted = _with_plants(prompt_rng, prompts, _PROMPT_PLANTS, "prompts.jsonl")
 
-    paths = {name: storage.join(out_dir, f"{name}.jsonl") for name in ("sft", "prefs", "eval_prompts")}
+    paths = {name: storage.join(out_dir, f"{name}.jsonl") for name in ("sft", "prefs", "prompts", "eval_prompts")}
     paths["planted"] = storage.join(out_dir, "planted.json")
     storage.write_bytes(paths["sft"], sft_bytes)
     storage.write_bytes(paths["prefs"], pref_bytes)
+    storage.write_bytes(paths["prompts"], prompt_bytes)
     storage.write_bytes(paths["eval_prompts"], eval_bytes)
-    counts = {"sft": len(sft), "prefs": len(prefs), "eval_prompts": len(held_out),
-              "planted": {"sft": len(sft_planted), "prefs": len(pref_planted)}}
-    storage.write_json(paths["planted"], {"rows": sft_planted + pref_planted, "counts": counts,
+    counts = {"sft": len(sft), "prefs": len(prefs), "prompts": len(prompts), "eval_prompts": len(held_out),
+              "planted": {"sft": len(sft_planted), "prefs": len(pref_planted), "prompts": len(prompt_planted)}}
+    storage.write_json(paths["planted"], {"rows": sft_planted + pref_planted + prompt_planted, "counts": counts,
                                           "score_range": list(SCORE_RANGE)})
     return {**paths, "counts": counts}

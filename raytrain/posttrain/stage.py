@@ -31,7 +31,7 @@ from raytrain.errors import StageInputError
 log = logging.getLogger(__name__)
 
 POST_TRAINING = ("sft", "reward", "dpo")
-KIND = {"sft": "sft", "reward": "preference", "dpo": "preference"}
+KIND = {"sft": "sft", "reward": "preference", "dpo": "preference", "rl": "prompt"}
 
 
 def stage_spec(spec: JobSpec, stage: str) -> PostTrainStageSpec:
@@ -123,7 +123,7 @@ def input_paths(spec: JobSpec, stage: str) -> tuple[list[str], dict[str, Any] | 
     if not demo or demo.get("key") != key:
         demo = {**write_alignment_demo(demo_dir, data.demo), "key": key}
         storage.write_json(marker, demo)  # written last: a crash mid-generation regenerates
-    return [demo["sft"] if stage == "sft" else demo["prefs"]], demo
+    return [{"sft": demo["sft"], "rl": demo["prompts"]}.get(stage, demo["prefs"])], demo
 
 
 def prepare(spec: JobSpec, stage: str, parent: str) -> dict[str, Any]:

@@ -48,6 +48,15 @@ class LocalShard:
         self.columns = {c: v[rank:n:world_size] for c, v in cols.items()}
         self.num_rows = n // world_size
 
+    def iter_batches(self, *, batch_size: int, batch_format: str = "numpy", drop_last: bool = False
+                     ) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of numpy columns in row order (Ray Data's ``iter_batches`` with ``batch_format="numpy"``)."""
+        if batch_format != "numpy":
+            raise ValueError(f"LocalShard.iter_batches supports batch_format 'numpy', not {batch_format!r}")
+        stop = self.num_rows - self.num_rows % batch_size if drop_last else self.num_rows
+        for start in range(0, stop, batch_size):
+            yield {c: v[start:start + batch_size] for c, v in self.columns.items()}
+
     def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False, device: str = "cpu",
                            dtypes: dict[str, Any] | None = None, local_shuffle_buffer_size: int | None = None,
                            local_shuffle_seed: int | None = None) -> Iterator[dict[str, Any]]:

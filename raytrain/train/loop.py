@@ -94,15 +94,16 @@ class TensorBoardSink:
         pass
 
 
-def export_hf(engine: Any, out_dir: str, rank: int, zero_stage: int) -> None:
+def export_hf(engine: Any, out_dir: str, rank: int, zero_stage: int, module: Any = None) -> None:
     """Write a transformers directory (config + safetensors) from rank 0; all ranks must call it.
 
     A LoRA model (peft) is exported with its adapters merged into the weights, so the directory loads with
-    the plain ``AutoModelFor…`` class and needs no merge step.
+    the plain ``AutoModelFor…`` class and needs no merge step. `module`: the part of the engine's module to export
+    (RL exports the policy without its critic); unset, all of it.
     """
     import deepspeed
 
-    module = engine.module
+    module = engine.module if module is None else module
     if zero_stage == 3:
         # Parameters are partitioned: gather full tensors on every rank, rank 0 writes them.
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
@@ -187,7 +188,7 @@ def _memory_bytes(use_gpu: bool) -> int:
 
 
 def build_task(config: dict[str, Any]) -> Any:
-    """The `TrainTask` that `train.task.type` names (pretrain, sft, reward, dpo)."""
+    """The `TrainTask` that `train.task.type` names (pretrain, sft, reward, dpo, rl)."""
     t = config["train"]
     kind = (t.get("task") or {}).get("type", "pretrain")
     if kind == "pretrain":
@@ -195,6 +196,10 @@ def build_task(config: dict[str, Any]) -> Any:
 
         return CausalLMTask(config["model_config"], seed=t["seed"], init_from=config.get("init_from"),
                             shuffle_buffer=t["shuffle_buffer"])
+    if kind == "rl":
+        from raytrain.rl.task import RLTrainTask
+
+        return RLTrainTask(config)
     from raytrain.posttrain.tasks import build_posttrain_task
 
     return build_posttrain_task(config)
@@ -271,6 +276,8 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
         if ckpt_dir:
             _, client = engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
             state.update({k: client[k] for k in state if k in client})
+            if hasattr(task, "load_state_dict"):  # what the task keeps besides weights (RL: KL controller, moments)
+                task.load_state_dict(client)
             # RNG streams continue where the checkpointed run left them (dropout, sampling).
             restore_rng(client, use_cuda)
             if rank == 0:
@@ -301,7 +308,12 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
         saw_batch = False
         step_at_epoch_start = state["step"]
         skip = state["micro_in_epoch"]  # micro-batches of this epoch trained before the checkpoint
-        for i, batch in enumerate(task.batches(shard, t["micro_batch_size"], state["epoch"])):
+        if getattr(task, "seeks", False):
+            # The task skips them itself (RL: without generating the rollouts it would throw away).
+            numbered = enumerate(task.batches(shard, t["micro_batch_size"], state["epoch"], start=skip), start=skip)
+        else:
+            numbered = enumerate(task.batches(shard, t["micro_batch_size"], state["epoch"]))
+        for i, batch in numbered:
             saw_batch = True
             if i < skip:
                 continue
@@ -363,6 +375,7 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
                     "device": device_name,
                     **stats.reduce(stat_names or [], task.extremes, device),
                     **partition_stats(engine),
+                    **(task.report_metrics() if hasattr(task, "report_metrics") else {}),
                 }
                 if sinks:
                     sinks.emit(metrics)
@@ -372,7 +385,7 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
                 stats = _Stats()
                 if is_ckpt:
                     _save_and_report(ctx, engine, metrics, state, t["zero_stage"], use_cuda,
-                                     config.get("crash_in_save_at_step"))
+                                     config.get("crash_in_save_at_step"), task)
                 else:
                     ctx.report(metrics)
                 t_last = time.perf_counter()
@@ -407,15 +420,17 @@ def _examples(batch: dict[str, Any], task: Any) -> int:
 
 
 def _save_and_report(ctx: LoopContext, engine: Any, metrics: dict[str, Any], state: dict[str, int],
-                     zero_stage: int, use_cuda: bool, crash_at: int | None) -> None:
+                     zero_stage: int, use_cuda: bool, crash_at: int | None, task: Any = None) -> None:
     import torch.distributed as dist
 
     rank = ctx.rank
+    extra = task.state_dict() if hasattr(task, "state_dict") else {}
     with tempfile.TemporaryDirectory(prefix=f"raytrain-ckpt-r{rank}-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={**state, **rng_state(use_cuda)})
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={**state, **rng_state(use_cuda), **extra})
         if crash_at is not None and state["step"] == crash_at and rank == 0:
             # Fault injection for tests: die mid-save, after the shard is written, before it is published.
             os.kill(os.getpid(), signal.SIGKILL)
-        export_hf(engine, os.path.join(tmp, HF_DIR), rank, zero_stage)
+        module = task.export_module(engine.module) if hasattr(task, "export_module") else None
+        export_hf(engine, os.path.join(tmp, HF_DIR), rank, zero_stage, module=module)
         dist.barrier()
         ctx.report(metrics, checkpoint_dir=tmp)

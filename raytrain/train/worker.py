@@ -37,6 +37,26 @@ class RayMetrics:
             "memory_bytes": Gauge(m.TRAIN_MEMORY_BYTES, "rank-0 process or device memory in use", tag_keys=tags),
         }
         self.resumes = Counter(m.TRAIN_RESUMES, "times the run resumed from a checkpoint", tag_keys=tags)
+        # Online RL: the iteration's figures (metric key in the loop's report -> gauge).
+        self.rl_gauges = {
+            "reward_mean": Gauge(m.RL_REWARD_MEAN, "mean reward of the iteration's rollouts", tag_keys=tags),
+            "reward_std": Gauge(m.RL_REWARD_STD, "std of the rollouts' rewards", tag_keys=tags),
+            "kl": Gauge(m.RL_KL, "mean per-token KL estimate to the reference during the update", tag_keys=tags),
+            "kl_coef": Gauge(m.RL_KL_COEF, "KL coefficient (adaptive under PPO's controller)", tag_keys=tags),
+            "clip_ratio": Gauge(m.RL_CLIP_RATIO, "share of response tokens whose ratio was clipped", tag_keys=tags),
+            "entropy": Gauge(m.RL_ENTROPY, "mean next-token entropy on response tokens", tag_keys=tags),
+            "response_length": Gauge(m.RL_RESPONSE_LENGTH, "mean response length in tokens", tag_keys=tags),
+            "value_loss": Gauge(m.RL_VALUE_LOSS, "PPO critic loss", tag_keys=tags),
+            "gen_tokens_per_s": Gauge(m.RL_GEN_TOKENS_PER_S, "rollout tokens per second, all engines",
+                                      tag_keys=tags),
+            "train_tokens_per_s": Gauge(m.RL_TRAIN_TOKENS_PER_S, "tokens per second in the update phase",
+                                        tag_keys=tags),
+            "sync_bytes": Gauge(m.RL_SYNC_BYTES, "bytes of weights sent to rollout engines per iteration",
+                                tag_keys=tags),
+            "eval/reward": Gauge(m.RL_EVAL_REWARD, "mean reward on held-out prompts", tag_keys=tags),
+        }
+        self.rl_phases = Gauge(m.RL_PHASE_SECONDS, "seconds of the last iteration spent in each phase",
+                               tag_keys=("run", "phase"))
         self.tb = TensorBoardSink(tb_dir) if tb_dir else None
 
     def emit(self, metrics: dict[str, Any]) -> None:
@@ -44,6 +64,14 @@ class RayMetrics:
             value = metrics.get(key)
             if value is not None:
                 gauge.set(float(value), tags=self.tags)
+        for key, gauge in self.rl_gauges.items():
+            value = metrics.get(key)
+            if value is not None:
+                gauge.set(float(value), tags=self.tags)
+        for phase in ("generate", "score", "train", "sync", "eval"):
+            value = metrics.get(f"time/{phase}")
+            if value is not None:
+                self.rl_phases.set(float(value), tags={**self.tags, "phase": phase})
         if self.tb:
             self.tb.emit(metrics)
 
