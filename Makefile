@@ -67,6 +67,10 @@ bench-data: install .venv-datatrove/.installed
 bench-posttrain: install .venv-trl/.installed
 	$(BIN)/raytrain bench posttrain --presets tiny,small --tasks sft,dpo --rounds 3
 
+.PHONY: bench-rl
+bench-rl: install .venv-trl/.installed
+	$(BIN)/raytrain bench rl --presets tiny,small --rounds 2
+
 # k8s/base/ is the Helm chart rendered with k8s/values-base.yaml: regenerate it after changing either
 # (tests/test_k8s.py fails while it differs).
 k8s-manifests: $(TOOLS)/helm

@@ -91,6 +91,7 @@ _bench("train", "Ray Train + DeepSpeed vs a bare PyTorch loop: tokens/s ratio; M
 _bench("serve", "Serving over HTTP vs the engine in-process at concurrency 1, 4, 16.")
 _bench("data", "Curation docs/s and dedup precision/recall vs datatrove; tokenization vs tokenizers.")
 _bench("posttrain", "SFT and DPO training throughput: raytrain on 2 workers vs TRL, alternating rounds.")
+_bench("rl", "GRPO samples/s: raytrain vs TRL's GRPOTrainer, alternating rounds; raytrain's time split.")
 _bench("pii", "PII detection precision/recall per kind on the labelled set with decoys; redaction throughput.")
 
 

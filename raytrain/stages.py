@@ -122,12 +122,9 @@ def _gate(spec: JobSpec) -> dict[str, Any]:
     return out
 
 
-def _pipeline(spec: JobSpec, started_local: bool) -> dict[str, Any]:
-    from raytrain.deploy import client_api_key, complete, deploy, served_entry
-
-    api_key = client_api_key(spec)  # before training: the demo request at the end needs a key when serve.auth is on
-    summary: dict[str, Any] = {}
-    steps = [("data", _data), ("pretrain", _pretrain)]
+def pipeline_steps(spec: JobSpec) -> list[tuple[str, Callable[[JobSpec, bool], dict[str, Any]]]]:
+    """What `raytrain pipeline` runs for this spec, in order (serving comes after)."""
+    steps: list[tuple[str, Callable[[JobSpec, bool], dict[str, Any]]]] = [("data", _data), ("pretrain", _pretrain)]
     steps += [(name, _posttrain(name)) for name in ("sft", "reward") if getattr(spec, name) is not None]
     if spec.rl is not None:  # online RL takes DPO's place when the recipe has it
         steps.append(("rl", _rl))
@@ -136,7 +133,15 @@ def _pipeline(spec: JobSpec, started_local: bool) -> dict[str, Any]:
     steps.append(("eval", _eval))
     if spec.promote.enabled:
         steps.append(("promote", lambda s, _: _gate(s)))
-    for name, fn in steps:
+    return steps
+
+
+def _pipeline(spec: JobSpec, started_local: bool) -> dict[str, Any]:
+    from raytrain.deploy import client_api_key, complete, deploy, served_entry
+
+    api_key = client_api_key(spec)  # before training: the demo request at the end needs a key when serve.auth is on
+    summary: dict[str, Any] = {}
+    for name, fn in pipeline_steps(spec):
         t0 = time.time()
         summary[name] = fn(spec, started_local)
         summary[name]["seconds"] = round(time.time() - t0, 1)

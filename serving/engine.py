@@ -62,6 +62,8 @@ class GenerationResult:
     logprobs: tuple[TokenLogprob, ...] | None = None
     # With `prompt_logprobs`: one entry per prompt token, the first without a log-probability.
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    # The ids `completion_tokens` counts, in order (an end-of-text token included), as vLLM's `token_ids`.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,7 @@ class _Sequence:
     pending: str = ""
     cancelled: bool = False  # set by the consumer (client went away); the engine drops the row
     faulty: bool = False  # test-only: its prompt carries the FaultInjection marker
+    stream_text: bool = True  # False (batch generation): no per-token text, the result's text decoded once
 
     @property
     def hold(self) -> int:
@@ -560,6 +563,7 @@ class TorchEngine:
         stop: Sequence[str],
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        stream_text: bool = True,
     ) -> _Sequence:
         import torch
         from transformers.generation.logits_process import (
@@ -600,6 +604,7 @@ class TorchEngine:
             self._new_detokenizer(),
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            stream_text=stream_text,
         )
         if self._fault is not None:
             text = prompt if isinstance(prompt, str) else self._detok_decode(ids)
@@ -680,6 +685,53 @@ class TorchEngine:
         finally:
             # The consumer stopped early (client disconnected, error upstream): free the batch slot.
             seq.cancelled = True
+
+    def generate_many(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seeds: Sequence[int | None],
+    ) -> list[GenerationResult]:
+        """Complete every prompt as one batch (prompt i seeded with `seeds[i]`): every sequence is queued before the
+        scheduler admits any, so the batch's make-up, and its float rounding, is the same on every call, and no text
+        streams (each result's text is decoded once). What RL rollouts need; `generate` is the per-request path."""
+        out: queue.SimpleQueue[tuple[int, StreamItem | BaseException]] = queue.SimpleQueue()
+        with self._cv:  # reentrant: _submit takes it again
+            for k, prompt in enumerate(prompts):
+                self._submit(prompt, lambda item, k=k: out.put((k, item)), max_tokens=max_tokens,
+                             temperature=temperature, top_p=top_p, seed=seeds[k], stop=(), stream_text=False)
+        results: dict[int, GenerationResult] = {}
+        while len(results) < len(prompts):
+            k, item = out.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, GenerationResult):
+                results[k] = item
+        return [results[k] for k in range(len(prompts))]
+
+    def update_weights(self, weights: dict[str, Any]) -> int:
+        """Copy `weights` (name -> tensor, this model's state-dict names) into the model in place; returns the bytes
+        read. Holds the scheduler off while it copies (RL syncs weights between batches, never during one)."""
+        import torch
+
+        with self._cv, torch.no_grad():
+            own = self._model.state_dict()
+            missing = [k for k in own if k not in weights and not k.endswith("rotary_emb.inv_freq")]
+            if missing:
+                raise KeyError(f"the new weights lack {len(missing)} tensors of the model, e.g. {missing[:3]}")
+            n = 0
+            for name, tensor in own.items():
+                if name in weights:
+                    tensor.copy_(weights[name].to(tensor.device, tensor.dtype))
+                    n += weights[name].numel() * weights[name].element_size()
+        return n
+
+    def eos_token_ids(self) -> list[int]:
+        """Ids that end a completion."""
+        return sorted(self._eos_ids)
 
     # ----------------------------------------------------------------------------------------- scheduler
 
@@ -925,6 +977,11 @@ class TorchEngine:
         """
         seq.produced.append(token)
         eos = token in self._eos_ids
+        if not seq.stream_text:  # batch generation: nothing streams, so no per-token text work
+            if eos or len(seq.produced) >= seq.max_tokens:
+                self._finish(seq, "stop" if eos else "length")
+                return True
+            return False
         piece = "" if eos else seq.detokenizer.push(token)  # end-of-text tokens are not part of the text
         last = eos or len(seq.produced) >= seq.max_tokens
         if last:
@@ -952,17 +1009,24 @@ class TorchEngine:
         return True
 
     def _finish(self, seq: _Sequence, finish: FinishReason) -> None:
-        if seq.lps_sent < len(seq.lps):  # tokens whose text never showed: an end-of-text token, a cut stop sequence
+        if seq.lps_sent < len(seq.lps) and seq.stream_text:  # tokens whose text never showed: end-of-text, a cut stop
             self._send(seq, "")
+        if seq.stream_text:
+            text = "".join(seq.sent)
+        else:
+            with self._tok_lock:
+                text = self._tokenizer.decode([t for t in seq.produced if t not in self._eos_ids],
+                                              skip_special_tokens=True)
         _safe_emit(
             seq,
             GenerationResult(
-                text="".join(seq.sent),
+                text=text,
                 prompt_tokens=len(seq.prompt_ids),
                 completion_tokens=len(seq.produced),
                 finish_reason=finish,
                 logprobs=tuple(seq.lps) if seq.logprobs is not None else None,
                 prompt_logprobs=seq.prompt_lps,
+                token_ids=tuple(seq.produced),
             ),
         )
 

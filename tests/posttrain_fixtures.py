@@ -15,6 +15,29 @@ VOCAB, SEQ, PAD, EOS = 128, 48, 1, 0
 GOOD, BAD = range(10, 40), range(40, 70)  # preferred responses draw from GOOD, dispreferred from BAD
 
 
+def build_chat_parent(root: Path, vocab_size: int = 512, seed: int = 5) -> Path:
+    """A parent model under `root`/models/parent/v1: a byte-level BPE tokenizer with the ChatML template, trained on
+    the alignment demo's demonstrations, and a randomly initialised tiny Llama of that vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raytrain.config.schema import AlignmentDemoSpec
+    from raytrain.data.tokenizer import train_tokenizer
+    from raytrain.models.presets import build_config
+    from raytrain.posttrain.demo import write_alignment_demo
+
+    demo = write_alignment_demo(str(root / "scratch"), AlignmentDemoSpec(num_sft=300, num_pairs=10, seed=seed))
+    texts = list(Path(demo["sft"]).read_text().splitlines())
+    parent = root / "models" / "parent" / "v1"
+    train_tokenizer(texts, vocab_size=vocab_size, min_frequency=2, out_dir=parent)
+    tok = AutoTokenizer.from_pretrained(str(parent))
+    torch.manual_seed(0)
+    cfg = build_config("tiny", vocab_size=len(tok), max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(parent))
+    return parent
+
+
 def build_parent(path: Path, seed: int = 0) -> Path:
     """A randomly initialised tiny Llama saved as a Hugging Face directory (no tokenizer: the loop needs none)."""
     import torch

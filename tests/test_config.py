@@ -225,3 +225,17 @@ def test_one_stage_table_drives_cli_jobs_ops_and_chart() -> None:
     assert enums and all(sorted(e) == sorted(BATCH_STAGES) for e in enums)
     job = manifests.rayjob("dpo", "dpo", cluster="c", run_name="r1")
     assert "dpo.train.run_name=r1" in job["spec"]["entrypoint"]
+
+
+def test_pipeline_runs_rl_in_place_of_dpo_when_the_recipe_has_it() -> None:
+    from raytrain.config import load_spec
+    from raytrain.registry import candidate_model_name
+    from raytrain.stages import pipeline_steps
+
+    names = [n for n, _ in pipeline_steps(load_spec("demo", []))]
+    assert names == ["data", "pretrain", "sft", "reward", "dpo", "eval", "promote"]
+    rl = load_spec("demo-rl", [])
+    assert [n for n, _ in pipeline_steps(rl)] == ["data", "pretrain", "sft", "reward", "rl", "eval", "promote"]
+    assert candidate_model_name(rl) == "demo-lm-rl"  # what eval measures, the gate promotes and serving follows
+    both = load_spec("demo", ["rl.iterations=5"])
+    assert "dpo" not in [n for n, _ in pipeline_steps(both)] and candidate_model_name(both) == "demo-lm-rl"

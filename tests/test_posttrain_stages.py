@@ -31,24 +31,10 @@ COMMON = ["train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.warmup_
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A storage root holding a parent model directory: a BPE tokenizer (ChatML template) and a tiny Llama."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raytrain.config.schema import AlignmentDemoSpec
-    from raytrain.data.tokenizer import train_tokenizer
-    from raytrain.models.presets import build_config
-    from raytrain.posttrain.demo import write_alignment_demo
+    from posttrain_fixtures import build_chat_parent
 
     root = tmp_path_factory.mktemp("posttrain-root")
-    demo = write_alignment_demo(str(root / "scratch"), AlignmentDemoSpec(num_sft=300, num_pairs=10, seed=5))
-    texts = [line for line in Path(demo["sft"]).read_text().splitlines()]
-    parent = root / "models" / "parent" / "v1"
-    train_tokenizer(texts, vocab_size=512, min_frequency=2, out_dir=parent)
-    tok = AutoTokenizer.from_pretrained(str(parent))
-    torch.manual_seed(0)
-    cfg = build_config("tiny", vocab_size=len(tok), max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(parent))
+    build_chat_parent(root)
     return root
 
 

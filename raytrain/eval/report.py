@@ -114,7 +114,7 @@ def chart(name: str, result: dict[str, Any], out_dir: Path) -> str | None:
               f"{result['win_rate']:.2f})", ["wins", "ties", "losses"],
               [result["wins"] / n, result["ties"] / n, losses / n], "share of response pairs")
     elif name == "alignment":
-        models = [k for k in ("reference_model", "sft", "dpo", "candidate") if isinstance(result.get(k), dict)]
+        models = [k for k in ("reference_model", "sft", "dpo", "rl", "candidate") if isinstance(result.get(k), dict)]
         _bars(path, "ground-truth reward (held-out prompts)", models,
               [result[k]["reward_mean"] for k in models], "mean reward (hidden rule)")
     elif name == "overfitting":

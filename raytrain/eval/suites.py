@@ -182,7 +182,7 @@ def demo_eval_prompts(spec: JobSpec) -> str | None:
     """The embedded alignment demo's held-out prompts file, when a post-training stage of the spec uses it."""
     from raytrain.posttrain.stage import input_paths
 
-    for stage in ("dpo", "reward", "sft"):
+    for stage in ("rl", "dpo", "reward", "sft"):
         section = getattr(spec, stage)
         if section is not None and section.data.source == "demo":
             _, demo = input_paths(spec, stage)
@@ -247,8 +247,9 @@ class AlignmentSuite(Suite):
 
     def skip_reason(self, ctx: EvalContext) -> str | None:
         spec = ctx.spec
-        if spec.sft is None or spec.dpo is None or spec.dpo.data.source != "demo":
-            return "not the embedded alignment demo (needs sft and dpo sections with data.source 'demo')"
+        aligned = aligned_stage(spec)
+        if spec.sft is None or aligned is None or getattr(spec, aligned).data.source != "demo":
+            return "not the embedded alignment demo (needs sft and dpo or rl sections with data.source 'demo')"
         from raytrain.posttrain.stage import model_dir_of
 
         if not storage.exists(storage.join(model_dir_of(spec, "sft"), "config.json")):
@@ -262,35 +263,42 @@ class AlignmentSuite(Suite):
         return format_alignment(result).strip()
 
 
+def aligned_stage(spec: JobSpec) -> str | None:
+    """The stage that aligns the SFT model in this spec: rl (which the pipeline runs instead of dpo), else dpo."""
+    return next((s for s in ("rl", "dpo") if getattr(spec, s) is not None), None)
+
+
 def alignment_figures(spec: JobSpec, model_dir: str, use_gpu: bool = False) -> dict[str, Any]:
-    """Ground-truth reward and KL to the SFT model of the SFT model and `model_dir` (as 'dpo') on held-out demo
-    prompts: ``{sft: {...}, dpo: {...}, reference: 'sft', reward_gain}``."""
+    """Ground-truth reward and KL to the SFT model of the SFT model and `model_dir` (named after the aligning stage,
+    'dpo' or 'rl') on held-out demo prompts: ``{sft: {...}, <stage>: {...}, stage, reference: 'sft', reward_gain}``."""
     from raytrain.eval.alignment import evaluate_alignment
     from raytrain.posttrain.stage import input_paths, model_dir_of
 
     s = spec.eval.alignment
-    _, demo = input_paths(spec, "dpo")
+    stage = aligned_stage(spec) or "dpo"
+    _, demo = input_paths(spec, stage)
     sft_dir = model_dir_of(spec, "sft")
-    figures = on_cluster(evaluate_alignment, use_gpu, {"dpo": model_dir}, sft_dir, demo["eval_prompts"],
+    figures = on_cluster(evaluate_alignment, use_gpu, {stage: model_dir}, sft_dir, demo["eval_prompts"],
                          samples_per_prompt=s.samples_per_prompt, max_new_tokens=s.max_new_tokens,
                          temperature=s.temperature, seed=s.seed, max_prompts=s.max_prompts,
                          device="cuda" if use_gpu else "cpu")
-    return {"sft": figures["reference"], "dpo": figures["dpo"], "reference": "sft",
-            "reward_gain": figures["dpo"]["reward_mean"] - figures["reference"]["reward_mean"]}
+    return {"sft": figures["reference"], stage: figures[stage], "stage": stage, "reference": "sft",
+            "reward_gain": figures[stage]["reward_mean"] - figures["reference"]["reward_mean"]}
 
 
 def format_alignment(a: dict[str, Any]) -> str:
-    """The SFT vs DPO table of the ground-truth figures, as printed at the end of the eval stage."""
-    if "sft" not in a or "dpo" not in a:
+    """The SFT vs DPO (or RL) table of the ground-truth figures, as printed at the end of the eval stage."""
+    stage = a.get("stage", "dpo")
+    if "sft" not in a or stage not in a:
         return ""
     rows = [("ground-truth reward (held-out prompts)", "reward_mean", "{:+.3f}"),
             ("  standard error", "reward_sem", "{:.3f}"),
             ("KL to the SFT model (nats/response)", "kl_to_reference", "{:.3f}"),
             ("response tokens", "response_tokens_mean", "{:.1f}")]
-    lines = [f"{'':40s}{'SFT':>10s}{'DPO':>10s}"]
+    lines = [f"{'':40s}{'SFT':>10s}{stage.upper():>10s}"]
     for label, key, fmt in rows:
         lines.append(f"{label:40s}{fmt.format(a['sft'].get(key, float('nan'))):>10s}"
-                     f"{fmt.format(a['dpo'].get(key, float('nan'))):>10s}")
+                     f"{fmt.format(a[stage].get(key, float('nan'))):>10s}")
     return "\n  " + "\n  ".join(lines) + "\n"
 
 
@@ -386,7 +394,7 @@ class SafetySuite(Suite):
         from raytrain.eval.alignment import load_prompts
 
         s = self.settings(ctx.spec)
-        chat = ctx.task_type in ("sft", "dpo")
+        chat = ctx.task_type in ("sft", "dpo", "rl")
         path = s.prompts_path or (demo_eval_prompts(ctx.spec) if chat else None)
         if path:
             return [p[-1]["content"] for p in load_prompts(path, s.max_prompts)], True

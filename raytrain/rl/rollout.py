@@ -14,7 +14,6 @@ failure gives back the very responses the lost run sampled.
 from __future__ import annotations
 
 import logging
-import queue
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -51,47 +50,20 @@ class TorchRolloutEngine:
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float,
                        top_p: float, seeds: Sequence[int]) -> list[list[list[int]]]:
-        from serving.engine import GenerationResult
-
-        out: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
-        # Queue every sequence before the scheduler may admit one: a batch's make-up, and so its float rounding,
-        # is the same on every run.
-        with self.engine._cv:
-            for k, (i, j) in enumerate(jobs):
-                self.engine._submit(list(prompts[i]), lambda item, k=k: out.put((k, item)), max_tokens=max_tokens,
-                                    temperature=temperature, top_p=top_p, seed=int(seeds[i]) + j, stop=(),
-                                    logprobs=0)
-        results: dict[int, GenerationResult] = {}
-        while len(results) < len(jobs):
-            k, item = out.get()
-            if isinstance(item, BaseException):
-                raise item
-            if isinstance(item, GenerationResult):
-                results[k] = item
+        results = self.engine.generate_many([list(prompts[i]) for i, _ in jobs], max_tokens=max_tokens,
+                                            temperature=temperature, top_p=top_p,
+                                            seeds=[int(seeds[i]) + j for i, j in jobs])
         responses: list[list[list[int]]] = [[] for _ in prompts]
-        for k, (i, _) in enumerate(jobs):
-            responses[i].append([e.token_id for e in results[k].logprobs or ()])
+        for (i, _), r in zip(jobs, results, strict=True):
+            responses[i].append(list(r.token_ids))
         return responses
 
     def load_weights(self, weights: dict[str, Any]) -> int:
-        import torch
-
-        model = self.engine._model
-        with self.engine._cv, torch.no_grad():  # the scheduler is idle between iterations; hold it off anyway
-            own = model.state_dict()
-            missing = [k for k in own if k not in weights and not k.endswith("rotary_emb.inv_freq")]
-            if missing:
-                raise KeyError(f"the new weights lack {len(missing)} tensors of the rollout model, e.g. {missing[:3]}")
-            n = 0
-            for name, tensor in own.items():
-                if name in weights:
-                    tensor.copy_(weights[name].to(tensor.device, tensor.dtype))
-                    n += weights[name].numel() * weights[name].element_size()
-        return n
+        return self.engine.update_weights(weights)
 
     def eos_ids(self) -> list[int]:
-        return sorted(self.engine._eos_ids)
+        return self.engine.eos_token_ids()
 
 
 def make_rollout_engine(rollout: RolloutSpec, model_dir: str, device: str = "cpu", max_model_len: int | None = None,

@@ -153,14 +153,17 @@ def run_rl(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -> dict
         "log_dir": storage.join(run_dir, "rl"), "critic_init": reward_dir or parent,
         "engine_kwargs": kwargs["engine"], "reference_kwargs": kwargs["reference"], "reward_kwargs": kwargs["reward"],
     }
+    # The prompts are read once, before any actor reserves CPUs: Ray Data then needs no CPU of its own to feed the
+    # workers (a read task that cannot be scheduled would stall the run with no error). Prompt sets are small.
+    train_ds = read_prepared(storage.join(manifest["path"], "train"), columns=list(PROMPT_COLUMNS)
+                             ).randomize_block_order(seed=t.seed).materialize()
     actors: list[Any] = []
     if section.rollout.placement == "split":
+        _check_resources(section)
         rl_config["actors"] = _start_actors(section, run_name, kwargs)
         actors = [h for group in rl_config["actors"].values() for h in group]
     with storage.local_dir(parent) as pdir:
         model_config = AutoConfig.from_pretrained(str(pdir)).to_dict()
-    train_ds = read_prepared(storage.join(manifest["path"], "train"), columns=list(PROMPT_COLUMNS)
-                             ).randomize_block_order(seed=t.seed)
     log.info("rl: %s (%s) on %d workers, %s placement, %d iterations of %d prompts x %d samples (%d steps each), "
              "from %s", run_name, t.task.algorithm, world, section.rollout.placement, section.iterations,
              section.rollout.prompts_per_iteration, t.task.n_samples, spi, parent)
@@ -194,6 +197,27 @@ def run_rl(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -> dict
     return {"model_dir": model_dir, "parent": parent, "reward_model": reward_dir, "data": manifest["counts"],
             "metrics": {k: v for k, v in result.metrics.items() if not isinstance(v, dict)},
             "heldout": figures, "iterations": iterations}
+
+
+def _check_resources(section: RLStageSpec) -> None:
+    """Refuse a split placement the cluster cannot hold (Ray would wait for it forever, saying nothing)."""
+    import ray
+
+    r, t = section.rollout, section.train
+    actors = 3 * (r.num_engines or t.num_workers)
+    need_cpu = t.num_workers + actors * r.num_cpus
+    have = ray.cluster_resources()
+    if need_cpu > have.get("CPU", 0):
+        raise StageInputError(
+            f"rl: split placement needs {need_cpu:g} CPUs (train.num_workers={t.num_workers} workers + {actors} "
+            f"actors x rollout.num_cpus={r.num_cpus:g}), the cluster has {have.get('CPU', 0):g}: lower "
+            "rollout.num_cpus or rollout.num_engines, or use placement colocated")
+    gpus = r.num_gpus or (float(r.vllm.tensor_parallel_size) if r.backend == "vllm" else 0.0)
+    need_gpu = (t.num_workers if t.use_gpu else 0) + (r.num_engines or t.num_workers) * gpus + 2 * (
+        r.num_engines or t.num_workers) * r.num_gpus
+    if need_gpu > have.get("GPU", 0):
+        raise StageInputError(f"rl: split placement needs {need_gpu:g} GPUs (training workers and actors), the "
+                              f"cluster has {have.get('GPU', 0):g}: lower rollout.num_gpus or rollout.num_engines")
 
 
 def _start_actors(section: RLStageSpec, run_name: str, kwargs: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:

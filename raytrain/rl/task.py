@@ -172,9 +172,10 @@ class RLTrainTask:
             self.kl_ctl.load_state_dict(client["rl_kl"])
             self.moments.load_state_dict(client["rl_moments"])
 
-    def report_metrics(self) -> dict[str, Any]:
+    def report_metrics(self, loop_metrics: dict[str, Any]) -> dict[str, Any]:
         """This iteration's RL figures (called by the loop when it reports, once per iteration); rank 0 also writes
-        them to ``iterations/iter-<k>.json`` for `raytrain rl`'s summary and the benchmark."""
+        them with the loop's (`loop_metrics`: loss, KL, clip ratio, entropy …) to ``iterations/iter-<k>.json`` for
+        `raytrain rl`'s summary and the benchmark."""
         now = time.perf_counter()
         m = dict(self._metrics)
         if not m:
@@ -186,7 +187,7 @@ class RLTrainTask:
             m[f"share/{phase}"] = m.get(f"time/{phase}", 0.0) / m["time/iteration"]
         if self.rank == 0 and self.rl.get("log_dir"):
             storage.write_json(storage.join(self.rl["log_dir"], "iterations", f"iter-{m['iteration']:06d}.json"),
-                               {k: v for k, v in m.items()})
+                               {**loop_metrics, **m})
         return m
 
     def weight(self, batch: dict[str, torch.Tensor]) -> float:

@@ -375,8 +375,9 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
                     "device": device_name,
                     **stats.reduce(stat_names or [], task.extremes, device),
                     **partition_stats(engine),
-                    **(task.report_metrics() if hasattr(task, "report_metrics") else {}),
                 }
+                if hasattr(task, "report_metrics"):  # the task's own figures of the interval (RL: the iteration's)
+                    metrics.update(task.report_metrics(metrics))
                 if sinks:
                     sinks.emit(metrics)
                     log.info("step %d  loss %.4f  lr %.2e  grad_norm %.3f  tokens/s %.0f", step, metrics["loss"],
