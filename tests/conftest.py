@@ -8,6 +8,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,3 +57,39 @@ def ray_local() -> Iterator[None]:
     yield
     if started:
         ray.shutdown()
+
+
+# The embedded alignment demo as the post-training and RL tests share it: one demo spec for every stage (a section
+# with other demo settings would regenerate the demo files under the others' feet).
+ALIGN_DEMO = ["data.demo.num_sft=800", "data.demo.num_pairs=800", "data.demo.num_prompts=320",
+              "data.demo.num_eval_prompts=32"]
+SFT_STEPS, REWARD_STEPS = 160, 60
+
+
+def align_spec(root: Path, stage: str, *extra: str) -> Any:
+    from raytrain.config import load_spec
+
+    common = [f"{stage}.{o}" for o in ALIGN_DEMO] + [f"{stage}.data.max_length=112",
+                                                      f"{stage}.data.max_prompt_length=64"]
+    return load_spec(stage, ["name=t", f"storage.root={root}", *common, *extra])
+
+
+@pytest.fixture(scope="session")
+def aligned(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> dict:
+    """One storage root for the post-training and RL tests, trained once per session on 2 CPU workers: a tiny chat
+    parent (random weights, BPE with ChatML), an SFT model from it (SFT_STEPS steps on the demo's demonstrations:
+    it writes the demo's reviews) and a reward model from the SFT model (REWARD_STEPS steps on its pairs).
+
+    Returns {"root", "sft", "reward"} with the stages' result dicts (export paths, data accounting, metrics)."""
+    from posttrain_fixtures import build_chat_parent
+    from raytrain.posttrain.stage import run_posttrain
+
+    root = tmp_path_factory.mktemp("aligned-root")
+    build_chat_parent(root)
+    sft = run_posttrain(align_spec(root, "sft", "sft.parent=models/parent/v1", f"sft.train.max_steps={SFT_STEPS}",
+                                   "sft.train.lr=3e-3", "sft.train.warmup_steps=10",
+                                   f"sft.train.checkpoint_every={SFT_STEPS // 2}", "sft.train.log_every=40"), "sft")
+    reward = run_posttrain(align_spec(root, "reward", "reward.parent=models:/demo-lm-sft/latest",
+                                      f"reward.train.max_steps={REWARD_STEPS}", "reward.train.lr=1e-3",
+                                      f"reward.train.checkpoint_every={REWARD_STEPS}"), "reward")
+    return {"root": root, "sft": sft, "reward": reward}

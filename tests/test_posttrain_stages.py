@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import dataset_path, exported_model
+from conftest import ALIGN_DEMO, REWARD_STEPS, SFT_STEPS, dataset_path, exported_model
 from raytrain.config import load_spec
 from train_fixtures import samples_by_step
 
@@ -25,17 +25,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 STEPS = 8
 COMMON = ["train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.warmup_steps=1", "train.log_every=2",
           "train.checkpoint_every=4", "train.shuffle_buffer=16", "data.max_length=96", "data.max_prompt_length=40",
-          "data.demo.num_sft=160", "data.demo.num_pairs=160", "data.demo.num_eval_prompts=8"]
+          *ALIGN_DEMO]
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A storage root holding a parent model directory: a BPE tokenizer (ChatML template) and a tiny Llama."""
-    from posttrain_fixtures import build_chat_parent
-
-    root = tmp_path_factory.mktemp("posttrain-root")
-    build_chat_parent(root)
-    return root
+def root(aligned: dict) -> Path:
+    """The session's post-training root (conftest `aligned`): a tiny chat parent, its SFT and reward models."""
+    return aligned["root"]
 
 
 def spec_for(root: Path, stage: str, *extra: str):
@@ -46,10 +42,8 @@ def spec_for(root: Path, stage: str, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def sft(root: Path) -> dict:
-    from raytrain.posttrain.stage import run_posttrain
-
-    return run_posttrain(spec_for(root, "sft", "sft.train.lr=3e-3"), "sft")
+def sft(aligned: dict) -> dict:
+    return aligned["sft"]
 
 
 def planted(root: Path, file: str) -> list[dict]:
@@ -69,7 +63,7 @@ def test_sft_stage_accounts_for_every_row_and_exports_a_chat_model(root: Path, s
     assert bad and counts["quarantined"] >= len(bad)
     for row in bad:
         assert counts["by_reason"].get(row["reason"], 0) >= 1, row
-    assert sft["metrics"]["step"] == STEPS and sft["metrics"]["task"] == "sft"
+    assert sft["metrics"]["step"] == SFT_STEPS and sft["metrics"]["task"] == "sft"
     model_dir = Path(sft["model_dir"])
     assert model_dir == root / "models" / "demo-lm-sft" / "1" == exported_model(root, "t-sft")
     lineage = json.loads((model_dir / "lineage.json").read_text())
@@ -84,14 +78,12 @@ def test_sft_stage_accounts_for_every_row_and_exports_a_chat_model(root: Path, s
     AutoModelForCausalLM.from_pretrained(str(model_dir))
 
 
-def test_reward_stage_trains_a_sequence_classifier(root: Path, sft: dict) -> None:
+def test_reward_stage_trains_a_sequence_classifier(root: Path, sft: dict, aligned: dict) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from raytrain.posttrain.stage import run_posttrain
-
-    result = run_posttrain(spec_for(root, "reward", "reward.train.lr=3e-3"), "reward")
+    result = aligned["reward"]
     m = result["metrics"]
-    assert m["task"] == "reward" and m["step"] == STEPS
+    assert m["task"] == "reward" and m["step"] == REWARD_STEPS
     assert {"accuracy", "margin", "reward", "reward_min", "reward_max"} <= set(m)
     assert m["reward_min"] <= m["reward"] <= m["reward_max"]
     heldout = result["heldout"]

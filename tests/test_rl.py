@@ -1,8 +1,8 @@
 """Online RL end to end on a real local Ray: the embedded alignment demo, 2 CPU training workers (DeepSpeed ZeRO-2,
 gloo), rollout engines on the serving engine, a reward function and a trained reward model.
 
-The module trains one SFT model and one reward model from a tiny random parent (the demo's pretraining is covered by
-the README's pipeline test), then runs three RL jobs from that SFT model:
+The session's `aligned` fixture (conftest) trains one SFT model and one reward model from a tiny random parent (the
+demo's pretraining is covered by the README's pipeline test); this module runs three RL jobs from that SFT model:
 
 * GRPO with the demo's rule as a `module:function` reward, everything colocated in the training workers, with a
   training worker killed (SIGKILL) mid-run;
@@ -27,52 +27,34 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import dataset_path
-from raytrain.config import load_spec
+from conftest import align_spec, dataset_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 MIN_GAIN = 0.3  # ground-truth reward of the RL policy minus the SFT model's, on the held-out prompts
 MAX_KL = 25.0  # nats per response: the KL the policy may drift from the SFT model in 12 iterations
 ITERATIONS = 12
-DEMO = ["data.demo.num_sft=800", "data.demo.num_pairs=800", "data.demo.num_prompts=320",
-        "data.demo.num_eval_prompts=32"]
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from posttrain_fixtures import build_chat_parent
-
-    root = tmp_path_factory.mktemp("rl-root")
-    build_chat_parent(root)
-    return root
-
-
-def _spec(root: Path, stage: str, *extra: str) -> Any:
-    common = [f"{stage}.{o}" for o in DEMO] + [f"{stage}.data.max_length=112", f"{stage}.data.max_prompt_length=64"]
-    return load_spec(stage, ["name=t", f"storage.root={root}", *common, *extra])
+def root(aligned: dict) -> Path:
+    """The session's post-training root (conftest `aligned`): its SFT model is the policy's parent and its reward
+    model PPO's reward."""
+    return aligned["root"]
 
 
 @pytest.fixture(scope="module")
-def sft(root: Path) -> str:
-    from raytrain.posttrain.stage import run_posttrain
-
-    spec = _spec(root, "sft", "sft.parent=models/parent/v1", "sft.train.max_steps=160", "sft.train.lr=3e-3",
-                 "sft.train.warmup_steps=10", "sft.train.checkpoint_every=160", "sft.train.log_every=40")
-    return run_posttrain(spec, "sft")["model_dir"]
+def sft(aligned: dict) -> str:
+    return aligned["sft"]["model_dir"]
 
 
 @pytest.fixture(scope="module")
-def reward_model(root: Path, sft: str) -> str:
-    from raytrain.posttrain.stage import run_posttrain
-
-    spec = _spec(root, "reward", "reward.parent=models:/demo-lm-sft/latest", "reward.train.max_steps=60",
-                 "reward.train.lr=1e-3", "reward.train.checkpoint_every=60")
-    return run_posttrain(spec, "reward")["model_dir"]
+def reward_model(aligned: dict) -> str:
+    return aligned["reward"]["model_dir"]
 
 
 def rl_spec(root: Path, run: str, *extra: str) -> Any:
-    return _spec(root, "rl", "rl.parent=models:/demo-lm-sft/latest", f"rl.train.run_name={run}",
+    return align_spec(root, "rl", "rl.parent=models:/demo-lm-sft/latest", f"rl.train.run_name={run}",
                  f"rl.iterations={ITERATIONS}", "rl.checkpoint_every=3", "rl.eval_every=6", "rl.eval_prompts=32",
                  "rl.rollout.max_new_tokens=48", "rl.train.max_failures=2", *extra)
 
