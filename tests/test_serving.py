@@ -264,6 +264,23 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(engine: TorchEngine)
     assert a.text != c.text
 
 
+def test_generate_many_is_one_reproducible_batch_with_the_ids_it_counts(engine: TorchEngine) -> None:
+    """RL's rollout path: a whole batch queued at once gives the same completions on every call, each result's
+    token_ids are what completion_tokens counts and decode to its text, and a seeded row matches `generate`."""
+    prompts = ["A dog", "The cat reads", "A dog", "Once"]
+    seeds = [7, 3, 8, 11]
+    a = engine.generate_many(prompts, max_tokens=12, temperature=1.0, seeds=seeds)
+    b = engine.generate_many(prompts, max_tokens=12, temperature=1.0, seeds=seeds)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert a[0].token_ids != a[2].token_ids  # same prompt, other seed
+    for r in a:
+        assert len(r.token_ids) == r.completion_tokens and r.finish_reason in ("stop", "length")
+        ids = [t for t in r.token_ids if t not in engine.eos_token_ids()]
+        assert engine.detokenize(ids).strip() == r.text.strip() or r.text in engine.detokenize(ids)
+    alone = engine.generate("A dog", max_tokens=12, temperature=1.0, seed=7)
+    assert alone.text == a[0].text
+
+
 def test_stop_sequence_truncates_and_reports_stop(engine: TorchEngine) -> None:
     prompt = "The cat reads"
     full = engine.generate(prompt, max_tokens=24, temperature=0)
