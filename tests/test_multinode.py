@@ -51,13 +51,12 @@ def test_one_worker_per_node(tmp_path: Path, two_nodes: dict[str, str]) -> None:
 def _split_corpus(src: Path, dest: Path, files: int = 16) -> None:
     """The demo corpus re-cut into `files` plain JSONL files, so the read has work to spread over nodes.
 
-    1,200 documents in 16 files: annotation runs in tasks of 256 rows, so the read and the annotation are a
-    handful of tasks each, which Ray Data spreads over the nodes (a few hundred rows would be one task on one
-    node whatever the cluster).
+    2,400 documents: annotation runs in tasks of 256 rows, and a few hundred rows would be one task on
+    one node whatever the cluster.
     """
     import gzip
 
-    planted = generate_demo_corpus(src, num_docs=1200, seed=11)
+    planted = generate_demo_corpus(src, num_docs=2400, seed=11)
     lines: list[bytes] = []
     for name in planted["files"]:
         data = (src / name).read_bytes()
