@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 STEPS = 8
 COMMON = ["train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.warmup_steps=1", "train.log_every=2",
-          "train.checkpoint_every=4", "train.shuffle_buffer=16", "data.max_length=96", "data.max_prompt_length=40",
+          "train.checkpoint_every=4", "train.shuffle_buffer=16", "data.max_length=112", "data.max_prompt_length=64",
           *ALIGN_DEMO]
 
 

@@ -3,8 +3,10 @@ torch.distributed process (gloo, world size 1), DeepSpeed ZeRO-3.
 
 Each case runs in a subprocess where `import ray` fails. One checks the weight sync itself: after the policy's
 ZeRO-3-partitioned weights change, `_sync` gathers them and the rollout engine holds exactly the policy's tensors
-(and the byte count is the policy's size, the critic excluded). The other runs PPO for two iterations through
-`run_local`: critic and policy in one engine, the export is the policy alone.
+(and the byte count is the policy's size, the critic excluded). The others run two iterations through `run_local`:
+PPO (critic and policy in one engine, the export is the policy alone), and GRPO with one update per iteration, where
+the old log-probs are the new ones detached (no extra forward pass): its first update must equal the one computed
+with an explicit old-log-prob pass.
 """
 
 from __future__ import annotations
@@ -148,3 +150,22 @@ def test_ppo_on_the_loop_without_ray_exports_the_policy_alone(inputs: dict[str, 
         keys = list(f.keys())
     assert keys and not [k for k in keys if k.startswith(("critic", "policy.", "score"))]
     AutoModelForCausalLM.from_pretrained(str(hf))
+
+
+def test_grpo_single_update_skips_the_old_logprob_pass_without_changing_the_update(
+        inputs: dict[str, str], tmp_path: Path) -> None:
+    """One optimizer step per iteration (4 prompts x 2 samples = one micro-batch of 8): the on-policy shortcut. The
+    same run forced through the explicit old-log-prob pass (`old_logp_pass`, test-only) must export the same weights:
+    the shortcut changes what is computed, not the update."""
+    from safetensors.torch import load_file
+
+    exports = {}
+    for name, force in (("shortcut", False), ("explicit", True)):
+        cfg = config(inputs, "grpo", 2, str(tmp_path / f"{name}-log"))
+        cfg["rl"]["old_logp_pass"] = force
+        out = run(LOOP, {"config": cfg, "run_dir": str(tmp_path / name), "data": inputs["data"]})
+        exports[name] = load_file(str(Path(out["checkpoint"]) / "hf" / "model.safetensors"))
+        it = json.loads((tmp_path / f"{name}-log" / "iterations" / "iter-000001.json").read_text())
+        assert ("rollout_kl" in it) == force  # the shortcut has no pre-update pass to measure it on
+    diff = max(float((exports["shortcut"][k] - exports["explicit"][k]).abs().max()) for k in exports["explicit"])
+    assert diff < 1e-6, diff

@@ -110,6 +110,11 @@ class RLTrainTask:
                                  int(adaptive.get("horizon", 10_000)))
         self.moments = RunningMoments()
         self.rollout = self.rl["rollout"]
+        # GRPO with one optimizer step per iteration: the policy that scores the experience is the one that sampled
+        # it, so the old log-probs are the new ones detached (ratio 1) and their forward pass is skipped (as TRL does
+        # with num_iterations=1).
+        self.on_policy_once = (not self.ppo and int(self.task["ppo_epochs"]) == 1
+                               and int(self.rl["steps_per_iteration"]) == 1 and not self.rl.get("old_logp_pass"))
         self.engine: Any = None
         self._metrics: dict[str, Any] = {}
         self._timer: dict[str, float] = {}
@@ -279,11 +284,13 @@ class RLTrainTask:
         self._metrics = {
             "iteration": iteration, "samples": int(count), "prompts": int(count) // self.n,
             "reward_mean": mean, "reward_std": max(s2 / count - mean**2, 0.0) ** 0.5,
-            "response_length": tokens / count, "rollout_kl": kl_sum / count, "kl_coef": self.kl_ctl.coef,
+            "response_length": tokens / count, "kl_coef": self.kl_ctl.coef,
             "gen_tokens_per_s": tokens / float(gen_max[0]) if float(gen_max[0]) > 0 else 0.0,
             "time/sync": sync_s, "sync_bytes": sync_bytes, "time/eval": eval_s, "time/generate": gen_s,
             "time/score": score_s, "_train_tokens": train_tokens, **eval_metrics,
         }
+        if not self.on_policy_once:  # KL to the reference per response, of the policy that sampled
+            self._metrics["rollout_kl"] = kl_sum / count
         self._timer = {"start": timer["start"], "train_start": time.perf_counter()}
         yield from self._micro_batches(exp, iteration)
 
@@ -349,6 +356,9 @@ class RLTrainTask:
             attn[i, : len(s)] = 1
             mask[i, p - 1: len(s) - 1] = 1
             ref_lp[i, : len(s) - 1] = torch.as_tensor(ref[i])
+        exp = {"input_ids": ids, "attention_mask": attn, "mask": mask, "ref_logp": ref_lp * mask}
+        if self.on_policy_once:
+            return exp
         old_lp = torch.zeros_like(ref_lp)
         values = torch.zeros_like(ref_lp) if self.ppo else None
         with torch.no_grad():
@@ -359,8 +369,7 @@ class RLTrainTask:
                 old_lp[b] = token_logps(logits, ids[b].to(self.device)).cpu()
                 if values is not None:
                     values[b] = out[1][:, :-1].cpu()  # the value of the state before each action
-        exp = {"input_ids": ids, "attention_mask": attn, "mask": mask, "old_logp": old_lp * mask,
-               "ref_logp": ref_lp * mask}
+        exp["old_logp"] = old_lp * mask
         if values is not None:
             exp["old_values"] = values * mask
         return exp
@@ -371,8 +380,11 @@ class RLTrainTask:
 
         clip = float(self.task["reward_clip"])
         mask = exp["mask"]
-        kl_tok = kl_estimate(exp["old_logp"], exp["ref_logp"], self.estimator) * mask  # (N, T-1)
-        kl_seq_sum = float(kl_tok.sum())
+        if "old_logp" in exp:
+            kl_tok = kl_estimate(exp["old_logp"], exp["ref_logp"], self.estimator) * mask  # (N, T-1)
+            kl_seq_sum = float(kl_tok.sum())
+        else:  # on-policy single update: the update's own `kl` measures it (per token)
+            kl_tok, kl_seq_sum = torch.zeros_like(mask), float("nan")
         if not self.ppo:
             adv = group_advantages(raw.clamp(-clip, clip), self.n, bool(self.task["scale_rewards"]))
             exp["advantages"] = adv[:, None] * mask
@@ -425,7 +437,8 @@ class RLTrainTask:
         mask = batch["mask"]
         on = mask > 0
         logp = token_logps(logits, batch["input_ids"])  # (B, T-1)
-        pg, clipped = policy_loss(logp, batch["old_logp"], batch["advantages"], float(self.task["clip_eps"]))
+        old = batch["old_logp"] if "old_logp" in batch else logp.detach()
+        pg, clipped = policy_loss(logp, old, batch["advantages"], float(self.task["clip_eps"]))
         kl = kl_estimate(logp, batch["ref_logp"], self.estimator)
         ent = entropy(logits.detach()) if not self.task["entropy_coef"] else entropy(logits)
         per_token = pg
