@@ -97,7 +97,6 @@ def build_inputs(workdir: str | Path, preset: str, n_rows: int, seed: int) -> di
     from transformers import AutoTokenizer
 
     from raytrain.data.tokenizer import train_tokenizer
-    from raytrain.models.presets import build_config, build_model
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -128,17 +127,7 @@ def build_inputs(workdir: str | Path, preset: str, n_rows: int, seed: int) -> di
                 "pad_token_id": tok.pad_token_id, "sft_mean_tokens": sft_tokens / n_rows,
                 "dpo_mean_tokens_per_pair": dpo_tokens / n_rows, "models": {}}
         meta_path.write_text(json.dumps(meta, indent=1))
-    model_dir = work / f"model-{preset}"
-    if preset not in meta["models"]:
-        tok = AutoTokenizer.from_pretrained(str(tok_dir))
-        cfg = build_config(preset, vocab_size=meta["vocab_size"], max_position_embeddings=MAX_LENGTH,
-                           bos_token_id=meta["eos_token_id"], eos_token_id=meta["eos_token_id"],
-                           pad_token_id=meta["pad_token_id"])
-        model = build_model(cfg, seed=seed)
-        model.save_pretrained(str(model_dir))
-        tok.save_pretrained(str(model_dir))
-        meta["models"][preset] = sum(p.numel() for p in model.parameters())
-        meta_path.write_text(json.dumps(meta, indent=1))
+    model_dir = preset_model(work, preset, tok_dir, meta, meta_path, MAX_LENGTH, seed)
     return {"workdir": str(work), "tokenizer_dir": str(tok_dir), "model_dir": str(model_dir),
             "sft_path": str(sft_path), "dpo_path": str(dpo_path), "parameters": meta["models"][preset],
             **{k: v for k, v in meta.items() if k != "models"}}
@@ -417,3 +406,25 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def preset_model(work: Path, preset: str, tok_dir: Path, meta: dict[str, Any], meta_path: Path, max_positions: int,
+                 seed: int) -> Path:
+    """`work`/model-<preset>: a freshly initialised model of the preset with the tokenizer, built once per workdir
+    (its parameter count recorded in `meta["models"]`, saved to `meta_path`)."""
+    from transformers import AutoTokenizer
+
+    from raytrain.models.presets import build_config, build_model
+
+    model_dir = work / f"model-{preset}"
+    if preset not in meta["models"]:
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        cfg = build_config(preset, vocab_size=meta["vocab_size"], max_position_embeddings=max_positions,
+                           bos_token_id=meta["eos_token_id"], eos_token_id=meta["eos_token_id"],
+                           pad_token_id=meta["pad_token_id"])
+        model = build_model(cfg, seed=seed)
+        model.save_pretrained(str(model_dir))
+        tok.save_pretrained(str(model_dir))
+        meta["models"][preset] = sum(p.numel() for p in model.parameters())
+        meta_path.write_text(json.dumps(meta, indent=1))
+    return model_dir

@@ -107,9 +107,9 @@ def build_inputs(workdir: str | Path, preset: str, seed: int) -> dict[str, Any]:
     """
     from transformers import AutoTokenizer
 
+    from raytrain.bench.posttrain import preset_model
     from raytrain.config.schema import AlignmentDemoSpec
     from raytrain.data.tokenizer import train_tokenizer
-    from raytrain.models.presets import build_config, build_model
     from raytrain.posttrain.demo import write_alignment_demo
 
     work = Path(workdir)
@@ -131,17 +131,7 @@ def build_inputs(workdir: str | Path, preset: str, seed: int) -> dict[str, Any]:
                 "tokenizer_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
                 "models": {}}
         meta_path.write_text(json.dumps(meta, indent=1))
-    model_dir = work / f"model-{preset}"
-    if preset not in meta["models"]:
-        tok = AutoTokenizer.from_pretrained(str(tok_dir))
-        cfg = build_config(preset, vocab_size=meta["vocab_size"], max_position_embeddings=MAX_POSITIONS,
-                           bos_token_id=meta["eos_token_id"], eos_token_id=meta["eos_token_id"],
-                           pad_token_id=meta["pad_token_id"])
-        model = build_model(cfg, seed=seed)
-        model.save_pretrained(str(model_dir))
-        tok.save_pretrained(str(model_dir))
-        meta["models"][preset] = sum(p.numel() for p in model.parameters())
-        meta_path.write_text(json.dumps(meta, indent=1))
+    model_dir = preset_model(work, preset, tok_dir, meta, meta_path, MAX_POSITIONS, seed)
     prompts = _jsonl_rows(prompts_path)
     usable = sum(_valid_messages(r.get("prompt")) for r in prompts)
     return {"workdir": str(work), "model_dir": str(model_dir), "prompts_path": prompts_path, "prompts_source": source,
