@@ -64,6 +64,12 @@ def _rl(spec: JobSpec, started_local: bool) -> dict[str, Any]:
     return out
 
 
+def _tune(spec: JobSpec, started_local: bool) -> dict[str, Any]:
+    from raytrain.tune.sweep import run_tune
+
+    return run_tune(spec)
+
+
 def _eval(spec: JobSpec, started_local: bool) -> dict[str, Any]:
     from raytrain.eval.suites import print_summary, run_eval
 
@@ -170,6 +176,8 @@ STAGE_TABLE: dict[str, Stage] = {s.name: s for s in (
     Stage("reward", _posttrain("reward"), "reward", "Train a reward model on preference pairs (Bradley-Terry)."),
     Stage("dpo", _posttrain("dpo"), "dpo", "Align a parent model on preference pairs with DPO or IPO."),
     Stage("rl", _rl, "rl", "Online RL (PPO or GRPO) of a policy against a reward model and/or reward functions."),
+    Stage("tune", _tune, "tune", "Sweep a training stage's hyperparameters with Ray Tune (ASHA, random or Optuna "
+          "TPE), resumably; export the best trial as a registry version."),
     Stage("eval", _eval, "eval", "Evaluate the candidate (perplexity, lm-eval, win rate, overfitting, safety) "
           "into its eval.json and eval.md."),
     Stage("serve", _serve, "serve", "Serve the exported model behind OpenAI-compatible HTTP endpoints.",

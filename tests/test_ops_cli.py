@@ -185,7 +185,7 @@ def test_submit_dry_run_calls_nothing(api):
     ("args", "message"),
     [
         (["submit", "train", "-c", "demo"],
-         "stage 'train' is not one of data, pretrain, sft, reward, dpo, rl, eval, pipeline"),
+         "stage 'train' is not one of data, pretrain, sft, reward, dpo, rl, tune, eval, pipeline"),
         (["submit", "data", "-c", "demo", "max_steps"], "overrides must look like section.key=value"),
         (["submit", "data", "-c", "demo", "--name", "Bad_Name"], "must be a DNS-1035 label"),
     ],

@@ -36,7 +36,7 @@ RUNNER = textwrap.dedent("""
     sys.modules["ray"] = None  # any `import ray` on this path fails: the loop must not need Ray
     from raytrain.train.local import run_local
     args = json.loads(sys.argv[1])
-    metrics = run_local(args["config"], args["run_dir"], args["data_dir"])
+    metrics = run_local(args["config"], args["run_dir"], args["data_dir"], args.get("val_dir"))
     print("METRICS " + json.dumps(metrics))
 """)
 
@@ -44,8 +44,9 @@ RUNNER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("loop-data")
-    manifest = build_packed_dataset(root, seq_len=64)
-    return {"root": root, "train": dataset_path(root, "tiny") / "train", "manifest": manifest}
+    manifest = build_packed_dataset(root, seq_len=64, val_sequences=48)
+    return {"root": root, "train": dataset_path(root, "tiny") / "train", "val": dataset_path(root, "tiny") / "val",
+            "manifest": manifest}
 
 
 def loop_config(data: dict, device: str, zero_stage: int, precision: str, **extra: object) -> dict:
@@ -54,7 +55,7 @@ def loop_config(data: dict, device: str, zero_stage: int, precision: str, **extr
 
     t = TrainSpec(num_workers=1, use_gpu=device == "cuda", zero_stage=zero_stage, precision=precision,
                   micro_batch_size=4, max_steps=STEPS, checkpoint_every=4, log_every=2, warmup_steps=2, lr=5e-3,
-                  shuffle_buffer=16, tensorboard=False)
+                  shuffle_buffer=16, tensorboard=False, eval_every=4)
     tok = data["manifest"]["tokenizer"]
     cfg = build_config("tiny", vocab_size=tok["vocab_size"], max_position_embeddings=64, eos_token_id=0,
                        pad_token_id=1)
@@ -62,7 +63,8 @@ def loop_config(data: dict, device: str, zero_stage: int, precision: str, **extr
 
 
 def run(config: dict, run_dir: Path, data: dict, check: bool = True) -> subprocess.CompletedProcess:
-    args = json.dumps({"config": config, "run_dir": str(run_dir), "data_dir": str(data["train"])})
+    args = json.dumps({"config": config, "run_dir": str(run_dir), "data_dir": str(data["train"]),
+                       "val_dir": str(data["val"])})
     proc = subprocess.run([sys.executable, "-c", RUNNER, args], capture_output=True, text=True, timeout=900,
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     if check:
@@ -73,6 +75,27 @@ def run(config: dict, run_dir: Path, data: dict, check: bool = True) -> subproce
 def final_metrics(proc: subprocess.CompletedProcess) -> dict:
     line = next(x for x in proc.stdout.splitlines() if x.startswith("METRICS "))
     return json.loads(line.removeprefix("METRICS "))
+
+
+def val_loss(model_dir: Path, data: dict, device: str) -> float:
+    """The exported model's mean next-token loss over every token of the whole val split, computed here directly."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raytrain.train.local import LocalShard
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    shard = LocalShard(data["val"], 0, 1)
+    ids = torch.tensor(np.asarray(shard.columns["input_ids"]), dtype=torch.long, device=device)
+    n = torch.tensor(np.asarray(shard.columns["num_tokens"]), device=device)
+    mask = torch.arange(ids.shape[1], device=device)[None, :] < n[:, None]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask.long()).logits
+    labels = ids.masked_fill(~mask, -100)[:, 1:]
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                              ignore_index=-100, reduction="sum")
+    return float(total) / int((labels != -100).sum())
 
 
 def perplexity(model_dir: Path, data: dict, device: str, untrained: bool = False) -> float:
@@ -113,6 +136,13 @@ def test_loop_without_ray_trains_checkpoints_resumes_and_exports(
 
     ref = final_metrics(run(loop_config(data, device, zero_stage, precision), tmp_path / "ref", data))
     assert ref["step"] == STEPS
+    # Held-out loss during training (train.eval_every): what the loop reports at the last step is the loss of the
+    # exported weights on every token of the val split (48 sequences = 12 micro-batches of 4, none dropped).
+    reports = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    vals = {r["step"]: r["val_loss"] for r in reports if "val_loss" in r}
+    assert list(vals) == [4, 8] and vals[8] < vals[4], vals
+    direct = val_loss(latest_checkpoint_dir(tmp_path / "ref") / "hf", data, device)
+    assert ref["val_loss"] == pytest.approx(direct, rel=1e-4 if device == "cpu" else 2e-2)
     assert (ref["device"] != "cpu") == (device == "cuda")
     assert ref["loss"] < math.log(data["manifest"]["tokenizer"]["vocab_size"]) - 0.5
 

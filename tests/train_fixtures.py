@@ -14,7 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def build_packed_dataset(root: Path, name: str = "tiny", seq_len: int = 64, files: int = 4, seed: int = 0) -> dict:
+def build_packed_dataset(root: Path, name: str = "tiny", seq_len: int = 64, files: int = 4, seed: int = 0,
+                         val_sequences: int = 0) -> dict:
+    """`val_sequences` > 0: the last that many packed sequences form a val split (one Parquet file) instead."""
     from raytrain.data.demo import generate_demo_corpus
     from raytrain.data.tokenizer import TokenizePack, train_tokenizer
 
@@ -38,14 +40,21 @@ def build_packed_dataset(root: Path, name: str = "tiny", seq_len: int = 64, file
     base = root / "datasets" / name / "test"
     out = base / "train"
     out.mkdir(parents=True)
-    n = len(packed["num_tokens"])
+    n = len(packed["num_tokens"]) - val_sequences
+
+    def table(rows: np.ndarray) -> pa.Table:
+        return pa.table({"input_ids": pa.array(list(packed["input_ids"][rows]), pa.list_(pa.int32())),
+                         "num_tokens": pa.array(packed["num_tokens"][rows])})
+
     for i, part in enumerate(np.array_split(np.arange(n), files)):
-        ids = packed["input_ids"][part]
-        pq.write_table(pa.table({"input_ids": pa.array(list(ids), pa.list_(pa.int32())),
-                                 "num_tokens": pa.array(packed["num_tokens"][part])}), out / f"part-{i}.parquet")
+        pq.write_table(table(part), out / f"part-{i}.parquet")
+    splits = {"train": {"sequences": n, "tokens": int(packed["num_tokens"][:n].sum())}}
+    if val_sequences:
+        (base / "val").mkdir()
+        pq.write_table(table(np.arange(n, n + val_sequences)), base / "val" / "part-0.parquet")
+        splits["val"] = {"sequences": val_sequences, "tokens": int(packed["num_tokens"][n:].sum())}
     manifest = {"dataset": name, "seq_len": seq_len,
-                "tokenizer": {"path": str(tok_dir), "sha256": "test", "vocab_size": 400},
-                "splits": {"train": {"sequences": n, "tokens": int(packed["num_tokens"].sum())}}}
+                "tokenizer": {"path": str(tok_dir), "sha256": "test", "vocab_size": 400}, "splits": splits}
     (base / "manifest.json").write_text(json.dumps(manifest))
     (root / "datasets" / name / "latest.json").write_text(json.dumps({"version": "test"}))
     return manifest

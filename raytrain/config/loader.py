@@ -115,7 +115,7 @@ def _describe(err: dict[str, Any]) -> str:
     msg = err["msg"]
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
-        return f"{key or '<section>'}: {msg}"
+        return f"{key}: {msg}" if loc else msg  # a spec-wide rule names its keys itself
     return f"{key}: {msg}; got {value!r}"
 
 

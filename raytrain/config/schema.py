@@ -8,7 +8,7 @@ dotted key named (see ``raytrain.config.loader``).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -531,6 +531,12 @@ class TrainSpec(Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files under runs/<run>/tensorboard/.")
     log_every: int = Field(10, ge=1, description="Steps between metric reports.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (and one at the end).")
+    eval_every: int = Field(
+        0, ge=0, description="Steps between evaluations of the loss on the held-out (val) split, reported as "
+        "`val_loss` (and `val_<statistic>`) with the training metrics, and once at the end. 0: off. Sweeps need it.")
+    eval_batches: int = Field(
+        0, ge=0, description="Micro-batches of the val split each worker evaluates (read once, kept in memory); "
+        "0: its whole part of the split.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage (latest K).")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may do (-1: unlimited).")
 
@@ -746,6 +752,9 @@ class RLStageSpec(_stage_spec("rl", "demo-prompts")):  # type: ignore[misc]
     @model_validator(mode="after")
     def _shapes(self) -> RLStageSpec:
         t, task, r = self.train, self.train.task, self.rollout
+        if t.eval_every:
+            raise ValueError(f"train.eval_every ({t.eval_every}) is for supervised losses; online RL evaluates the "
+                             "held-out reward every rl.eval_every iterations instead: set rl.train.eval_every to 0")
         if r.prompts_per_iteration % t.num_workers:
             raise ValueError(f"rollout.prompts_per_iteration ({r.prompts_per_iteration}) must be a multiple of "
                              f"train.num_workers ({t.num_workers}): each worker takes an equal share")
@@ -993,6 +1002,153 @@ class ServeSpec(Section):
             return False  # a host name other than localhost may resolve to any interface
 
 
+SPACE_KINDS = ("loguniform", "uniform", "int", "choice", "grid")
+TUNE_STAGES = ("pretrain", "sft", "reward", "dpo")
+# Keys a sweep may not vary: a trial's resources, its name and its evaluation cadence are the sweep's own.
+_FIXED_KEYS = ("num_workers", "use_gpu", "run_name", "eval_every", "checkpoint_every", "max_steps")
+
+
+class TuneSchedulerSpec(Section):
+    type: Literal["asha", "fifo"] = Field(
+        "asha", description="'asha' stops trials whose metric trails the others' at each rung; 'fifo' runs all.")
+    grace_period: int = Field(10, ge=1, description="ASHA: steps every trial runs before it can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/reduction_factor of the trials go on at a rung.")
+    max_t: int | None = Field(
+        None, ge=1, description="ASHA: the budget in steps (rungs lie below it). Unset: the stage's train.max_steps.")
+
+
+class TuneSearchSpec(Section):
+    algorithm: Literal["random", "optuna"] = Field(
+        "random", description="'random': independent draws (and every `grid` value); 'optuna': Optuna's TPE.")
+    seed: int = Field(0, description="Seed of the search algorithm.")
+
+
+class TuneSpec(Section):
+    """A Ray Tune sweep over one training stage (`raytrain tune`)."""
+
+    stage: Literal["pretrain", "sft", "reward", "dpo"] = Field("pretrain", description="The stage whose run is swept.")
+    name: SafeName | None = Field(
+        None, description="Experiment name: tune/<name>/ under the storage root; re-running it resumes the sweep. "
+        "Unset: <spec name>-<stage>-sweep.")
+    space: dict[str, dict[str, list[Any]]] = Field(
+        ..., description="Dotted spec key -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} | {int: [lo, hi]} "
+        "(inclusive) | {choice: [values]} | {grid: [values]} (every value, num_samples times each). Keys lie in the "
+        "swept stage's sections (pretrain: train.*, model.*; sft/reward/dpo: <stage>.train.*).")
+    num_samples: int = Field(4, ge=1, description="Trials (with grid keys: repetitions of the grid).")
+    metric: str = Field("val_loss", description="Reported metric the sweep optimises (val_loss needs eval_every).")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher `metric` is better.")
+    scheduler: TuneSchedulerSpec = Field(default_factory=TuneSchedulerSpec, description="Early stopping.")
+    search: TuneSearchSpec = Field(default_factory=TuneSearchSpec, description="How trials' settings are drawn.")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="At most this many trials at once (the cluster's resources may allow fewer).")
+    driver_cpus: float = Field(
+        0.5, ge=0, description="CPUs each trial's driver holds besides its workers (it waits on Ray Train).")
+    data_cpus: float = Field(
+        1.0, ge=0, description="CPUs kept free of trials for the Ray Data tasks that feed them.")
+    register_best: bool = Field(
+        True, description="Export the best trial's model as the stage's next registry version (a candidate).")
+
+    @model_validator(mode="after")
+    def _space_shape(self) -> TuneSpec:
+        if not self.space:
+            raise ValueError("tune.space is empty: name at least one key, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
+        for key, dim in self.space.items():
+            where = f"tune.space.{key}"
+            if len(dim) != 1 or next(iter(dim)) not in SPACE_KINDS:
+                raise ValueError(f"{where}: give exactly one of {', '.join(SPACE_KINDS)} (got {sorted(dim)})")
+            kind, values = next(iter(dim.items()))
+            if kind in ("loguniform", "uniform", "int"):
+                # YAML 1.1 reads 1e-4 (no dot) as a string: take numeric strings as the numbers they spell.
+                values = dim[kind] = [_number(v) for v in values]
+                if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                    raise ValueError(f"{where}: {kind} takes [low, high] numbers (got {values})")
+                if not values[0] < values[1]:
+                    raise ValueError(f"{where}: {kind} needs low < high (got {values})")
+                if kind == "loguniform" and values[0] <= 0:
+                    raise ValueError(f"{where}: loguniform needs low > 0 (got {values[0]})")
+                if kind == "int" and not all(isinstance(v, int) for v in values):
+                    raise ValueError(f"{where}: int takes integer bounds (got {values})")
+            elif not values:
+                raise ValueError(f"{where}: {kind} needs at least one value")
+            if kind == "grid" and self.search.algorithm != "random":
+                raise ValueError(f"{where}: grid values need tune.search.algorithm 'random' (Optuna draws, it does "
+                                 "not enumerate)")
+        return self
+
+    def extremes(self, key: str) -> list[tuple[str, Any]]:
+        """(what, value) pairs that bound a dimension: every value a trial could take lies between or among them."""
+        kind, values = next(iter(self.space[key].items()))
+        if kind in ("loguniform", "uniform", "int"):
+            return [(f"{kind}'s low bound", values[0]), (f"{kind}'s high bound", values[1])]
+        return [(f"{kind} value", v) for v in values]
+
+
+def _number(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _set_path(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    for part in parts[:-1]:
+        tree = tree[part]
+    tree[parts[-1]] = value
+
+
+def check_tune_space(spec: JobSpec) -> None:
+    """Refuse a space a trial could not run: an unknown key, one outside the swept stage, a value the stage's own
+    validation refuses (each bound and choice is applied to the spec and validated). Raises ValueError naming the key.
+    """
+    from pydantic import ValidationError
+
+    tune = spec.tune
+    assert tune is not None
+    stage = tune.stage
+    if stage != "pretrain" and getattr(spec, stage) is None:
+        raise ValueError(f"tune.stage is {stage!r} but the spec has no `{stage}` section to sweep")
+    section = "train" if stage == "pretrain" else f"{stage}.train"
+    t = spec.train if stage == "pretrain" else getattr(spec, stage).train
+    prefixes = ("train.", "model.") if stage == "pretrain" else (f"{stage}.train.",)
+    budget = tune.scheduler.max_t or t.max_steps
+    if tune.scheduler.max_t and tune.scheduler.max_t > t.max_steps:
+        raise ValueError(f"tune.scheduler.max_t ({tune.scheduler.max_t}) exceeds {section}.max_steps "
+                         f"({t.max_steps}): a trial never trains past max_steps")
+    if tune.scheduler.type == "asha" and tune.scheduler.grace_period >= budget:
+        raise ValueError(f"tune.scheduler.grace_period ({tune.scheduler.grace_period}) must be below the budget "
+                         f"({budget} steps): ASHA could never stop a trial")
+    if tune.metric.startswith("val_") and not t.eval_every:
+        raise ValueError(f"tune.metric is {tune.metric!r}, which {section}.eval_every reports: set it above 0 "
+                         "(the steps between evaluations on the held-out split)")
+    base = spec.model_dump(mode="json", exclude={"tune"})
+    for key in tune.space:
+        where = f"tune.space.{key}"
+        if not key.startswith(prefixes):
+            raise ValueError(f"{where}: a {stage} sweep varies keys under {' or '.join(p + '*' for p in prefixes)}")
+        parts = key.split(".")
+        if parts[-1] in _FIXED_KEYS or key == "model.name":
+            raise ValueError(f"{where}: {parts[-1]} is fixed for every trial of a sweep (set it outside tune.space)")
+        node: Any = base
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                known = ", ".join(sorted(node)) if isinstance(node, dict) else "(a value, not a section)"
+                raise ValueError(f"{where}: unknown key {'.'.join(parts[: i + 1])!r}; keys there: {known}")
+            node = node[part]
+        if isinstance(node, dict):
+            raise ValueError(f"{where}: {key} is a section, not a value")
+        for what, value in tune.extremes(key):
+            tree = spec.model_dump(mode="json", exclude={"tune"})
+            _set_path(tree, parts, value)
+            try:
+                JobSpec.model_validate(tree)
+            except ValidationError as exc:
+                errs = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or key}: "
+                                 f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+                raise ValueError(f"{where}: the {what} {value!r} is refused by the {stage} stage ({errs})") from None
+
+
 class JobSpec(Section):
     """A complete job spec: what `jobs/configs/<name>.yaml` holds."""
 
@@ -1011,13 +1167,26 @@ class JobSpec(Section):
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation stage.")
     promote: PromoteSpec = Field(default_factory=PromoteSpec, description="Promotion gate (registry aliases).")
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Serving stage.")
+    tune: TuneSpec | None = Field(None, description="A hyperparameter sweep over one training stage (`raytrain tune`).")
 
     @model_validator(mode="after")
     def _pretrain_task(self) -> JobSpec:
         if self.train.task.type != "pretrain":
             raise ValueError(f"train is the pretraining run: train.task.type must be 'pretrain' (got "
                              f"'{self.train.task.type}'); post-training runs go in the sft, reward and dpo sections")
+        if self.tune is not None:
+            check_tune_space(self)
         return self
+
+    def tune_train(self) -> TrainSpec:
+        """The training section the sweep varies."""
+        assert self.tune is not None
+        return self.train if self.tune.stage == "pretrain" else getattr(self, self.tune.stage).train
+
+    @property
+    def tune_name(self) -> str:
+        assert self.tune is not None
+        return self.tune.name or f"{self.name}-{self.tune.stage}-sweep"
 
     @property
     def run_name(self) -> str:

@@ -63,7 +63,9 @@ def rayjob(
     argv = ["python", "-m", f"jobs.{stage}", "--config", recipe]
     if storage_root:
         argv.append(f"storage.root={storage_root}")
-    if run_name:
+    if run_name and stage == "tune":
+        argv.append(f"tune.name={run_name}")  # a sweep's name is its experiment's (tune/<name>/)
+    elif run_name:
         # Post-training stages keep their run in their own section (sft.train.run_name …).
         section = stage if stage in ("sft", "reward", "dpo", "rl") else "train"
         argv.append(f"{section}.train.run_name={run_name}" if section != "train" else f"train.run_name={run_name}")

@@ -142,14 +142,15 @@ def _split_path(manifest: dict[str, Any], split: str) -> str:
 
 
 def reference_logps(spec: JobSpec, stage: str, parent: str, manifest: dict[str, Any],
-                    splits: tuple[str, ...] = ("train", "val")) -> dict[str, str]:
-    """Pairs of `splits` with the reference's log-probabilities added (cached per run and inputs)."""
+                    splits: tuple[str, ...] = ("train", "val"), run: str | None = None) -> dict[str, str]:
+    """Pairs of `splits` with the reference's log-probabilities added (cached per run and inputs; `run`: whose
+    directory holds the cache, default this stage's run)."""
     from raytrain.data.readers import read_prepared
     from raytrain.posttrain.scoring import PairLogps, map_with
 
     section = stage_spec(spec, stage)
     t = section.train
-    run_dir = storage.join(storage.Layout(spec.storage.root).runs(), spec.stage_run_name(stage))
+    run_dir = storage.join(storage.Layout(spec.storage.root).runs(), run or spec.stage_run_name(stage))
     ref_dir = storage.join(run_dir, "reference")
     key = hashlib.sha256(f"{manifest['key']}|{model_identity(parent)}|{t.precision}|{','.join(splits)}".encode()
                          ).hexdigest()
@@ -211,9 +212,14 @@ def heldout(spec: JobSpec, stage: str, model_dir: str, val_path: str | None) -> 
     return {"examples": len(rows), "response_nll": nll, "response_perplexity": float(np.exp(nll))}
 
 
-def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | None = None,
+                  callbacks: list[Any] | None = None, export: bool = True,
+                  reference_run: str | None = None) -> dict[str, Any]:
     """Run one post-training stage end to end; returns the export path, data accounting, metrics, held-out figures.
 
+    `callbacks`: Ray Train callbacks (a sweep trial's). `export=False` (a sweep trial) trains without publishing and
+    returns the final checkpoint and the lineage its export would carry. `reference_run`: the run whose directory
+    caches DPO's reference log-probabilities (a sweep's trials share one pass); unset, this run's.
     `fault_injection` is for tests only (e.g. {"crash_in_save_at_step": 20}).
     """
     from transformers import AutoConfig
@@ -234,11 +240,11 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
     check_run_inputs(spec, stage, parent, manifest)
     train_path, val_path = _split_path(manifest, "train"), _split_path(manifest, "val")
     if stage == "dpo" and t.task.reference == "precomputed":
-        ref = reference_logps(spec, stage, parent, manifest)
+        ref = reference_logps(spec, stage, parent, manifest, run=reference_run)
         train_path, val_path = ref["train"], ref["val"]
     elif stage == "dpo":
         # The held-out implicit rewards still need the reference's log-probs on the validation pairs.
-        val_path = reference_logps_val(spec, stage, parent, manifest)
+        val_path = reference_logps_val(spec, stage, parent, manifest, run=reference_run)
 
     from raytrain.posttrain.tasks import build_posttrain_task
 
@@ -248,23 +254,23 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
     from raytrain.data.readers import read_prepared
 
     train_ds = read_prepared(train_path, columns=columns).randomize_block_order(seed=t.seed)
+    val_ds = None
+    if t.eval_every:
+        if not manifest["splits"].get("val", {}).get("rows") or not val_path:
+            raise StageInputError(f"{stage}.train.eval_every is {t.eval_every} but the prepared data has no val rows "
+                                  f"(set {stage}.data.val_fraction above 0, or eval_every: 0)")
+        val_ds = read_prepared(val_path, columns=columns)
     run_name = spec.stage_run_name(stage)
     log.info("%s: %s on %d workers, ZeRO-%d, %d steps, from %s", stage, run_name, t.num_workers, t.zero_stage,
              t.max_steps, parent)
     result = fit(t, run_name, spec.storage.root, train_ds, {
         "model_config": model_config, "init_from": parent, "seq_len": section.data.max_length,
-        **(fault_injection or {})})
+        **(fault_injection or {})}, val_ds=val_ds, callbacks=callbacks)
 
-    from raytrain.train.trainer import parent_ref
-
-    lineage = {
-        "task": t.task.model_dump(mode="json"),
-        "parent": parent_ref(parent),
-        "dataset": {"name": section.data.name, "version": manifest.get("version"), "path": manifest["path"],
-                    "key": manifest["key"], "counts": manifest["counts"], "splits": manifest["splits"],
-                    "sources": manifest.get("sources")},
-        "tokenizer_sha256": manifest.get("tokenizer_sha256"),
-    }
+    lineage = posttrain_lineage(spec, stage, parent, manifest)
+    if not export:
+        return {"checkpoint": result.checkpoint.path, "metrics": result.metrics, "lineage": lineage,
+                "file_dirs": [parent], "val_path": val_path}
     model_dir = export_model(result, spec.stage_model_name(stage), [parent], lineage, spec, run_name)
     figures = heldout(spec, stage, model_dir, val_path)
     eval_path = storage.join(model_dir, "eval.json")
@@ -277,8 +283,24 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
             "heldout": figures}
 
 
-def reference_logps_val(spec: JobSpec, stage: str, parent: str, manifest: dict[str, Any]) -> str | None:
+def posttrain_lineage(spec: JobSpec, stage: str, parent: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What lineage.json says of a post-training export besides the run: task, parent, data, tokenizer."""
+    from raytrain.train.trainer import parent_ref
+
+    section = stage_spec(spec, stage)
+    return {
+        "task": section.train.task.model_dump(mode="json"),
+        "parent": parent_ref(parent),
+        "dataset": {"name": section.data.name, "version": manifest.get("version"), "path": manifest["path"],
+                    "key": manifest["key"], "counts": manifest["counts"], "splits": manifest["splits"],
+                    "sources": manifest.get("sources")},
+        "tokenizer_sha256": manifest.get("tokenizer_sha256"),
+    }
+
+
+def reference_logps_val(spec: JobSpec, stage: str, parent: str, manifest: dict[str, Any],
+                        run: str | None = None) -> str | None:
     """Validation pairs with reference log-probs, for the held-out figures of a run whose reference is in-worker."""
     if not manifest["splits"].get("val", {}).get("rows"):
         return None
-    return reference_logps(spec, stage, parent, manifest, splits=("val",))["val"]
+    return reference_logps(spec, stage, parent, manifest, splits=("val",), run=run)["val"]

@@ -102,7 +102,8 @@ class JsonlMetrics:
 class LocalContext:
     """`LoopContext` for a torch.distributed launcher (torchrun, or a single process)."""
 
-    def __init__(self, run_dir: str | Path, data_dir: str | Path, use_gpu: bool) -> None:
+    def __init__(self, run_dir: str | Path, data_dir: str | Path, use_gpu: bool,
+                 val_dir: str | Path | None = None) -> None:
         import torch
         import torch.distributed as dist
 
@@ -121,11 +122,15 @@ class LocalContext:
         self.run_dir = Path(run_dir)
         self.run_name = self.run_dir.name
         self.data_dir = data_dir
+        self.val_dir = val_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.published: list[Path] = []
 
     def train_shard(self, columns: tuple[str, ...]) -> LocalShard:
         return LocalShard(self.data_dir, self.rank, self.world_size, columns=tuple(columns))
+
+    def val_shard(self, columns: tuple[str, ...]) -> LocalShard | None:
+        return LocalShard(self.val_dir, self.rank, self.world_size, columns=tuple(columns)) if self.val_dir else None
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
@@ -172,9 +177,10 @@ def latest_checkpoint_dir(run_dir: str | Path) -> Path | None:
     return Path(run_dir) / latest.read_text().strip() if latest.exists() else None
 
 
-def run_local(config: dict[str, Any], run_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
+def run_local(config: dict[str, Any], run_dir: str | Path, data_dir: str | Path,
+              val_dir: str | Path | None = None) -> dict[str, Any]:
     """Run `raytrain.train.loop` in this process (one rank of a torch.distributed group)."""
     from raytrain.train.loop import run_training_loop
 
-    ctx = LocalContext(run_dir, data_dir, use_gpu=bool(config["train"]["use_gpu"]))
+    ctx = LocalContext(run_dir, data_dir, use_gpu=bool(config["train"]["use_gpu"]), val_dir=val_dir)
     return run_training_loop(ctx, config)

@@ -59,6 +59,10 @@ class LoopContext(Protocol):
         """This rank's training data (the task's `columns`): an object with Ray Data's ``iter_torch_batches``."""
         ...
 
+    def val_shard(self, columns: tuple[str, ...]) -> Any:
+        """This rank's part of the held-out split (same interface as the train shard), or None when there is none."""
+        ...
+
     def latest_checkpoint(self) -> AbstractContextManager[str | None]:
         """A local directory holding the latest published checkpoint (None when starting fresh)."""
         ...
@@ -295,6 +299,8 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
     sample_dir = config.get("sample_log_dir")
 
     shard = ctx.train_shard(task.columns)
+    eval_every = int(t.get("eval_every") or 0)
+    validator = _Validator(ctx, task, t, engine) if eval_every else None
     gas = t["grad_accum_steps"]
     interval = {"loss": 0.0, "weight": 0.0, "tokens": 0, "examples": 0}
     stats = _Stats()
@@ -350,7 +356,8 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
                                     "samples": step_samples})
                 step_samples = []
             is_ckpt = step % t["checkpoint_every"] == 0 or step == t["max_steps"]
-            if step % t["log_every"] == 0 or is_ckpt:
+            is_eval = validator is not None and (step % eval_every == 0 or step == t["max_steps"])
+            if step % t["log_every"] == 0 or is_ckpt or is_eval:
                 # (4,) on the process group's device: NCCL rejects CPU tensors.
                 sums = torch.tensor([interval["loss"], interval["weight"], interval["tokens"], interval["examples"]],
                                     dtype=torch.float64, device=device)
@@ -378,10 +385,13 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
                 }
                 if hasattr(task, "report_metrics"):  # the task's own figures of the interval (RL: the iteration's)
                     metrics.update(task.report_metrics(metrics))
+                if is_eval:
+                    metrics.update(validator.evaluate())
                 if sinks:
                     sinks.emit(metrics)
-                    log.info("step %d  loss %.4f  lr %.2e  grad_norm %.3f  tokens/s %.0f", step, metrics["loss"],
-                             metrics["lr"], metrics["grad_norm"], tps)
+                    log.info("step %d  loss %.4f  lr %.2e  grad_norm %.3f  tokens/s %.0f%s", step, metrics["loss"],
+                             metrics["lr"], metrics["grad_norm"], tps,
+                             f"  val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
                 interval = {"loss": 0.0, "weight": 0.0, "tokens": 0, "examples": 0}
                 stats = _Stats()
                 if is_ckpt:
@@ -407,6 +417,73 @@ def run_training_loop(ctx: LoopContext, config: dict[str, Any]) -> dict[str, Any
             state["micro_in_epoch"] = 0
             pending = []  # an incomplete step at the end of an epoch is dropped, on every rank alike
     return metrics
+
+
+class _Validator:
+    """The held-out loss (and the task's per-example statistics) of the model being trained, every `eval_every` steps.
+
+    Each rank evaluates its part of the val split (Ray Train splits it like the train split); the micro-batches are
+    read once and kept in memory (at most `eval_batches` per rank; 0: the whole part), and every rank evaluates the
+    same number of them, because a ZeRO-3 forward is a collective. The figure is the task's loss summed over every
+    rank's micro-batches divided by their total weight: the training loss's definition, on data it never trains on.
+    """
+
+    def __init__(self, ctx: LoopContext, task: Any, t: dict[str, Any], engine: Any) -> None:
+        self.ctx, self.task, self.t, self.engine, self.device = ctx, task, t, engine, engine.device
+        self.cached: list[dict[str, Any]] | None = None
+        self.count = 0
+
+    def _load(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        shard = self.ctx.val_shard(self.task.columns) if hasattr(self.ctx, "val_shard") else None
+        if shard is None:
+            raise RuntimeError("train.eval_every is set but the run has no validation split")
+        limit = int(self.t.get("eval_batches") or 0)
+        cached: list[dict[str, Any]] = []
+        for batch in self.task.batches(shard, self.t["micro_batch_size"], 0):
+            cached.append(batch)
+            if limit and len(cached) >= limit:
+                break
+        n = torch.tensor([len(cached)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        self.count = int(n[0])
+        if self.count == 0:
+            raise RuntimeError(f"the validation split gave rank {self.ctx.rank} no batch of "
+                               f"{self.t['micro_batch_size']} rows; it needs at least num_workers x micro_batch_size "
+                               "rows (or set train.eval_every: 0)")
+        self.cached = cached[: self.count]
+
+    def evaluate(self) -> dict[str, float]:
+        """`val_loss` and `val_<statistic>`; collective: every rank calls it at the same step."""
+        import torch
+        import torch.distributed as dist
+
+        if self.cached is None:
+            self._load()
+        engine = self.engine
+        was_training = engine.module.training
+        engine.module.eval()
+        loss = weight = 0.0
+        stats = _Stats()
+        names: list[str] = []
+        try:
+            with torch.no_grad():
+                for batch in self.cached or []:
+                    weight += self.task.weight(batch)
+                    on_device = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+                    loss_sum, step_stats = self.task.loss(engine, on_device)
+                    loss += float(loss_sum)
+                    stats.add(step_stats)
+                    names = names or sorted(step_stats)
+        finally:
+            engine.module.train(was_training)
+        sums = torch.tensor([loss, weight], dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        out = {"val_loss": float(sums[0] / sums[1]) if float(sums[1]) else 0.0}
+        out.update({f"val_{k}": v for k, v in stats.reduce(names, self.task.extremes, self.device).items()})
+        return out
 
 
 def _sample_rows(batch: dict[str, Any]) -> Any:

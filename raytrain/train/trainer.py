@@ -62,8 +62,13 @@ def _git_revision() -> str | None:
         return None
 
 
-def fit(t: TrainSpec, run_name: str, root: str, train_ds: Any, loop_config: dict[str, Any]) -> Any:
-    """Run the shared loop on Ray Train for one training section; every training stage comes through here."""
+def fit(t: TrainSpec, run_name: str, root: str, train_ds: Any, loop_config: dict[str, Any],
+        val_ds: Any = None, callbacks: list[Any] | None = None) -> Any:
+    """Run the shared loop on Ray Train for one training section; every training stage comes through here.
+
+    `val_ds`: the held-out split the loop evaluates every `train.eval_every` steps (split across workers like the
+    train split). `callbacks`: Ray Train callbacks of the run (a sweep's trial passes Tune's report callback).
+    """
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -92,8 +97,9 @@ def fit(t: TrainSpec, run_name: str, root: str, train_ds: Any, loop_config: dict
             storage_path=layout.runs(),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks or None,
         ),
-        datasets={"train": train_ds},
+        datasets={"train": train_ds, **({"val": val_ds} if val_ds is not None and t.eval_every else {})},
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -163,9 +169,12 @@ def is_tokenizer_file(name: str) -> bool:
                                                      "added_tokens.json", "vocab.json", "merges.txt")
 
 
-def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
+                 export: bool = True) -> dict[str, Any]:
     """Train, then publish the next version models/<model.name>/<N>/. Returns the final metrics and paths.
 
+    `callbacks`: Ray Train callbacks (a sweep trial's). `export=False` (a sweep trial) trains without publishing and
+    returns the run's final checkpoint and the lineage an export of it would carry.
     `fault_injection` is for tests only (e.g. {"crash_in_save_at_step": 20}).
     """
 
@@ -183,21 +192,37 @@ def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None) -
     from raytrain.data.readers import read_prepared
 
     train_ds = read_prepared(train_path, columns=["input_ids", "num_tokens"]).randomize_block_order(seed=t.seed)
+    val_ds = None
+    if t.eval_every:
+        if not manifest["splits"].get("val", {}).get("sequences"):
+            raise StageInputError(f"train.eval_every is {t.eval_every} but the dataset {manifest['path']} has no val "
+                                  "sequences (set data.split.val_fraction above 0 and re-run the data stage, or "
+                                  "eval_every: 0)")
+        val_ds = read_prepared(storage.join(manifest["path"], "val"), columns=["input_ids", "num_tokens"])
     log.info("pretraining %s (%s preset) on %d workers, ZeRO-%d, %d steps", spec.model.name, spec.model.preset,
              t.num_workers, t.zero_stage, t.max_steps)
     result = fit(t, spec.run_name, spec.storage.root, train_ds, {
-        "model_config": model_config, "init_from": spec.model.init_from, **(fault_injection or {})})
+        "model_config": model_config, "init_from": spec.model.init_from, **(fault_injection or {})},
+        val_ds=val_ds, callbacks=callbacks)
 
-    lineage = {
+    lineage = pretrain_lineage(spec, manifest)
+    if not export:
+        return {"checkpoint": result.checkpoint.path, "metrics": result.metrics, "lineage": lineage,
+                "file_dirs": [manifest["tokenizer"]["path"]]}
+    model_dir = export_model(result, spec.model.name, [manifest["tokenizer"]["path"]], lineage, spec, spec.run_name)
+    log.info("exported %s in %.0fs (final loss %.4f)", model_dir, time.time() - t0, result.metrics.get("loss", -1))
+    return {"model_dir": model_dir, "metrics": result.metrics, "checkpoint": result.checkpoint.path}
+
+
+def pretrain_lineage(spec: JobSpec, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What lineage.json says of a pretraining export besides the run: task, parent, dataset, tokenizer."""
+    return {
         "task": spec.train.task.model_dump(mode="json"),
         "parent": parent_ref(spec.model.init_from) if spec.model.init_from else None,
         "dataset": {"name": spec.data.name, "version": manifest.get("version"), "path": manifest["path"],
                     "manifest_sha256": _manifest_sha(manifest["path"])},
         "tokenizer_sha256": manifest["tokenizer"]["sha256"],
     }
-    model_dir = export_model(result, spec.model.name, [manifest["tokenizer"]["path"]], lineage, spec, spec.run_name)
-    log.info("exported %s in %.0fs (final loss %.4f)", model_dir, time.time() - t0, result.metrics.get("loss", -1))
-    return {"model_dir": model_dir, "metrics": result.metrics, "checkpoint": result.checkpoint.path}
 
 
 def _manifest_sha(manifest_dir: str) -> str:

@@ -96,6 +96,14 @@ class RayTrainContext:
         # The driver selected the task's columns when it built the dataset.
         return ray.train.get_dataset_shard("train")
 
+    def val_shard(self, columns: tuple[str, ...]) -> Any:
+        import ray.train
+
+        try:
+            return ray.train.get_dataset_shard("val")
+        except KeyError:
+            return None
+
     @contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
         import ray.train
