@@ -6,6 +6,7 @@ prefix: `TRAIN_LOSS = "raytrain_train_loss"` is scraped as `ray_raytrain_train_l
 
 # Training (rank 0 of each run; tag: run)
 TRAIN_LOSS = "raytrain_train_loss"
+TRAIN_VAL_LOSS = "raytrain_train_val_loss"
 TRAIN_LR = "raytrain_train_lr"
 TRAIN_GRAD_NORM = "raytrain_train_grad_norm"
 TRAIN_TOKENS_PER_S = "raytrain_train_tokens_per_s"
@@ -53,6 +54,7 @@ GAUGE, COUNTER, HISTOGRAM = "gauge", "counter", "histogram"
 # raytrain's own metrics: name passed to ray.util.metrics -> type.
 PROJECT_METRICS: dict[str, str] = {
     TRAIN_LOSS: GAUGE,
+    TRAIN_VAL_LOSS: GAUGE,
     TRAIN_LR: GAUGE,
     TRAIN_GRAD_NORM: GAUGE,
     TRAIN_TOKENS_PER_S: GAUGE,

@@ -48,15 +48,19 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 @contextmanager
-def ray_cluster(nodes: int = 2, cpus_per_node: int = 3) -> Iterator[dict[str, str]]:
-    """A head and `nodes - 1` workers with token auth; yields address, GCS address, token and env."""
+def ray_cluster(nodes: int = 2, cpus_per_node: int = 3, dashboard: bool = False) -> Iterator[dict[str, str]]:
+    """A head and `nodes - 1` workers with token auth; yields address, GCS address, token and env.
+
+    `dashboard`: run the dashboard (the state API), as production clusters do; Ray Train's PlacementGroupCleaner
+    asks it whether a controller still lives, and without it never exits after an ungraceful stop."""
     token = secrets.token_hex(16)
     env = clean_env(token)
     temp_dir = Path(f"/tmp/rtc-{os.getpid()}-{free_port()}")
     gcs = free_port()
     procs = [subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={cpus_per_node}",
-         "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         f"--include-dashboard={'true' if dashboard else 'false'}", f"--dashboard-port={free_port()}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats",
          f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
          f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]

@@ -29,6 +29,8 @@ class RayMetrics:
         self.tags = {"run": run}
         self.gauges = {
             "loss": Gauge(m.TRAIN_LOSS, "training loss (mean over the last interval)", tag_keys=tags),
+            "val_loss": Gauge(m.TRAIN_VAL_LOSS, "loss on the held-out split (every train.eval_every steps)",
+                              tag_keys=tags),
             "lr": Gauge(m.TRAIN_LR, "learning rate", tag_keys=tags),
             "grad_norm": Gauge(m.TRAIN_GRAD_NORM, "global gradient norm", tag_keys=tags),
             "tokens_per_s": Gauge(m.TRAIN_TOKENS_PER_S, "training tokens per second, all ranks", tag_keys=tags),
