@@ -996,6 +996,22 @@ def test_rayjob_entrypoints_name_real_stages_and_recipes(helm, tmp):
         assert spec.storage.root == "/data/artifacts"
 
 
+def test_rayjob_run_name_lands_in_the_stage_own_section(helm, tmp):
+    """`runName` names the run of the job's stage (sft.train.run_name for sft; tune.name, the experiment, for a
+    sweep): a retry of the job then resumes that run, not a pretraining run of the same name."""
+    loader = pytest.importorskip("raytrain.config.loader", reason="raytrain.config is not importable")
+    values = {"jobs": {"items": [{"name": "s", "stage": "sft", "recipe": "sft", "runName": "sft-a"},
+                                 {"name": "t", "stage": "tune", "recipe": "tune", "runName": "sweep-a"},
+                                 {"name": "p", "stage": "pretrain", "recipe": "demo", "runName": "pre-a"}]}}
+    specs = {}
+    for job in (o for o in render(helm, tmp, values) if o["kind"] == "RayJob"):
+        argv = shlex.split(job["spec"]["entrypoint"])
+        specs[argv[2]] = loader.load_spec(argv[4], argv[5:])
+    assert specs["jobs.sft"].stage_run_name("sft") == "sft-a" and specs["jobs.sft"].run_name == "demo"
+    assert specs["jobs.tune"].tune_name == "sweep-a"
+    assert specs["jobs.pretrain"].run_name == "pre-a"
+
+
 def test_long_release_rayjob_names_fit(helm, tmp):
     values = {"jobs": {"items": [{"name": "pretrain-" + "x" * 21, "stage": "pretrain", "recipe": "demo"}]}}
     release = "long-release-" + "x" * 40

@@ -172,6 +172,8 @@ def test_submit_entrypoint_is_a_valid_job_spec():
     argv = shlex.split(job["spec"]["entrypoint"])
     spec = loader.load_spec(argv[4], argv[5:])
     assert (spec.run_name, spec.train.max_steps) == ("r1", 500)
+    sweep = manifests.rayjob("tune", "tune", cluster="c", run_name="sweep-1")
+    assert loader.load_spec("tune", shlex.split(sweep["spec"]["entrypoint"])[5:]).tune_name == "sweep-1"
 
 
 def test_submit_dry_run_calls_nothing(api):
