@@ -57,13 +57,19 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 3, dashboard: bool = False)
     env = clean_env(token)
     temp_dir = Path(f"/tmp/rtc-{os.getpid()}-{free_port()}")
     gcs = free_port()
+    head_env = dict(env)
+    if dashboard:
+        # Its processes inherit the head's environment: with RAY_ADDRESS set, a state-API call from inside the
+        # cluster (the PlacementGroupCleaner's) finds this cluster even when the test session's own Ray instance
+        # runs on the same machine; without it, "Found multiple active Ray instances" kills the cleaner's thread.
+        head_env["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
     procs = [subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={cpus_per_node}",
          f"--include-dashboard={'true' if dashboard else 'false'}", f"--dashboard-port={free_port()}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats",
          f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
          f"--metrics-export-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+        env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
         for _ in range(nodes - 1):
             procs.append(subprocess.Popen(
