@@ -229,6 +229,12 @@ def run_stage(stage: str, config: str | None, overrides: list[str]) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    section = STAGE_TABLE[stage].section
+    if section in JobSpec.model_fields and getattr(spec, section) is None:
+        # An optional section the stage needs (sft, reward, dpo, rl, tune): say so before starting Ray.
+        print(f"error: the spec {spec.name!r} has no `{section}` section, which `{stage}` runs; add one (see "
+              f"jobs/configs/{section}.yaml)", file=sys.stderr)
+        return 2
     from raytrain.cluster import connect
 
     started_local = connect(spec.cluster)

@@ -199,6 +199,12 @@ def test_optuna_sweep_of_the_reward_stage_maximises_held_out_accuracy(aligned: d
         time.sleep(1)
 
 
+def test_a_recipe_without_a_tune_section_is_refused_before_ray() -> None:
+    proc = subprocess.run([RAYTRAIN, "tune", "-c", "demo", "cluster.address=127.0.0.1:9"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "has no `tune` section" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize(("override", "names"), [
     ("tune.space={train.lrr: {loguniform: [1.0e-4, 1.0e-2]}}", "unknown key 'train.lrr'"),
     ("tune.space={train.lr: {loguniform: [1.0e-4, 5.0]}}", "tune.space.train.lr: the loguniform's high bound 5.0"),

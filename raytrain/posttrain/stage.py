@@ -218,7 +218,7 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
     """Run one post-training stage end to end; returns the export path, data accounting, metrics, held-out figures.
 
     `callbacks`: Ray Train callbacks (a sweep trial's). `export=False` (a sweep trial) trains without publishing and
-    returns the final checkpoint and the lineage its export would carry. `reference_run`: the run whose directory
+    returns the final checkpoint and metrics. `reference_run`: the run whose directory
     caches DPO's reference log-probabilities (a sweep's trials share one pass); unset, this run's.
     `fault_injection` is for tests only (e.g. {"crash_in_save_at_step": 20}).
     """
@@ -267,10 +267,9 @@ def run_posttrain(spec: JobSpec, stage: str, fault_injection: dict[str, Any] | N
         "model_config": model_config, "init_from": parent, "seq_len": section.data.max_length,
         **(fault_injection or {})}, val_ds=val_ds, callbacks=callbacks)
 
+    if not export:  # a sweep trial: the sweep exports the best one itself
+        return {"checkpoint": result.checkpoint.path, "metrics": result.metrics}
     lineage = posttrain_lineage(spec, stage, parent, manifest)
-    if not export:
-        return {"checkpoint": result.checkpoint.path, "metrics": result.metrics, "lineage": lineage,
-                "file_dirs": [parent], "val_path": val_path}
     model_dir = export_model(result, spec.stage_model_name(stage), [parent], lineage, spec, run_name)
     figures = heldout(spec, stage, model_dir, val_path)
     eval_path = storage.join(model_dir, "eval.json")

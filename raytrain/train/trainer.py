@@ -174,7 +174,7 @@ def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None, c
     """Train, then publish the next version models/<model.name>/<N>/. Returns the final metrics and paths.
 
     `callbacks`: Ray Train callbacks (a sweep trial's). `export=False` (a sweep trial) trains without publishing and
-    returns the run's final checkpoint and the lineage an export of it would carry.
+    returns the run's final checkpoint and metrics.
     `fault_injection` is for tests only (e.g. {"crash_in_save_at_step": 20}).
     """
 
@@ -205,10 +205,9 @@ def run_pretrain(spec: JobSpec, fault_injection: dict[str, Any] | None = None, c
         "model_config": model_config, "init_from": spec.model.init_from, **(fault_injection or {})},
         val_ds=val_ds, callbacks=callbacks)
 
+    if not export:  # a sweep trial: the sweep exports the best one itself
+        return {"checkpoint": result.checkpoint.path, "metrics": result.metrics}
     lineage = pretrain_lineage(spec, manifest)
-    if not export:
-        return {"checkpoint": result.checkpoint.path, "metrics": result.metrics, "lineage": lineage,
-                "file_dirs": [manifest["tokenizer"]["path"]]}
     model_dir = export_model(result, spec.model.name, [manifest["tokenizer"]["path"]], lineage, spec, spec.run_name)
     log.info("exported %s in %.0fs (final loss %.4f)", model_dir, time.time() - t0, result.metrics.get("loss", -1))
     return {"model_dir": model_dir, "metrics": result.metrics, "checkpoint": result.checkpoint.path}
