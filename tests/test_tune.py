@@ -76,13 +76,15 @@ def test_asha_sweep_survives_a_killed_driver_and_registers_the_best(tmp_path: Pa
     root.mkdir()
     build_packed_dataset(root, seq_len=128, val_sequences=32)
     config = root / "sweep.yaml"
-    config.write_text(yaml.safe_dump(recipe(root)))
+    # The storage root as the README's recipes give it, relative to where the command runs (Tune moves each trial
+    # into a working directory of its own: the trials must still find the dataset and write their runs there).
+    config.write_text(yaml.safe_dump({**recipe(root), "storage": {"root": "root"}}))
     with ray_cluster(nodes=1, cpus_per_node=4, dashboard=True) as cluster:
         env = {k: v for k, v in cluster.items() if k not in ("gcs", "token")}
         env["PYTHONPATH"] = str(REPO)
         argv = [RAYTRAIN, "tune", "-c", str(config), f"cluster.address={cluster['gcs']}"]
         log1 = (tmp_path / "driver-1.log").open("w")
-        first = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT,
+        first = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         # Kill the driver as soon as the third trial (lr 2e-3) has registered its first checkpoint: the first two
         # trials are over by then (one finished, one stopped at the rung) and the third is mid-run.
@@ -102,7 +104,7 @@ def test_asha_sweep_survives_a_killed_driver_and_registers_the_best(tmp_path: Pa
         before = {lr: step_pids(run) for lr, run in trial_runs(root).items()}
         assert max(before[GRID[2]]) < MAX_STEPS, "the killed trial had not finished"
 
-        second = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        second = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
         assert "resuming the experiment" in second.stdout
         summary, _ = json.JSONDecoder().raw_decode(second.stdout, second.stdout.index('{\n  "stage": "tune"'))

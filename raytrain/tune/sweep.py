@@ -227,6 +227,8 @@ def run_tune(spec: JobSpec) -> dict[str, Any]:
              plan.trials, plan.reason)
     print(f"sweep {experiment}: running {plan.trials} trial(s) at once: {plan.reason}", flush=True)
     doc = spec.model_dump(mode="json")
+    # Tune runs each trial in a working directory of its own: a relative root (./artifacts) must not follow it.
+    doc["storage"]["root"] = storage.Layout(spec.storage.root).root
     trainable = tune.with_resources(
         tune.with_parameters(_trial, doc=doc, stage=stage, experiment=experiment), {"cpu": tu.driver_cpus})
     exp_path = exp_dir if storage.is_uri(exp_dir) else os.path.abspath(exp_dir)
