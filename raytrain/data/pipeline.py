@@ -1,9 +1,10 @@
 """The data stage: raw corpus -> curated, split, tokenized, packed Parquet shards + manifest.
 
-Everything heavy is a Ray Data operation that streams across the cluster; the driver only sees
-counts, a tokenizer-training sample and a few example documents per removal reason. Intermediate
-results are written to the storage root (``_stage/``) rather than held in memory, so a corpus larger
-than the cluster's memory passes through, and each step re-reads instead of re-computing.
+Everything heavy is a Ray Data operation that runs across the cluster; the driver only sees counts,
+a tokenizer-training sample and a few example documents per removal reason. Rows are read and annotated
+once and held in Ray's object store (which spills to local disk, so a corpus larger than the cluster's
+memory still passes); the dedup steps shuffle only hashes and ids; every output is written once, from
+the rows in the store, with the counts the accounting needs computed on the way.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from raytrain.data.readers import (
     format_of,
     parquet_files,
     parquet_rows,
-    read_prepared,
     read_raw_rows,
     read_tasks,
     reported_rows,
@@ -47,6 +47,7 @@ class AccountingError(RuntimeError):
     """Rows read at the source != kept + removed + quarantined: a row was lost or counted twice (a bug)."""
 
 SPLITS = ("train", "val", "test")
+TOKENIZE_BATCH = 1024  # documents per encode_batch call in tokenize + pack
 ANNOTATED_SCHEMA = pa.schema(
     [
         ("doc_id", pa.string()),
@@ -154,25 +155,6 @@ def _spec_of(spec_json: str) -> DataSpec:
     return DataSpec.model_validate_json(spec_json)
 
 
-def mark_exact_duplicates(group: pa.Table) -> pa.Table:
-    """map_groups UDF over one dedup hash: keep the first (source, line), mark the rest removed."""
-    keys = zip(group["source"].to_pylist(), group["line"].to_pylist(), group["doc_id"].to_pylist(), strict=True)
-    order = [i for _, i in sorted((k, i) for i, k in enumerate(keys))]
-    status = group.column("status").to_pylist()
-    reason = group.column("reason").to_pylist()
-    for i in order[1:]:
-        status[i] = docs.REMOVED
-        reason[i] = "exact_duplicate"
-    group = group.set_column(group.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
-    return group.set_column(group.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
-
-
-def add_split(batch: pa.Table, val: float, test: float, salt: str) -> pa.Table:
-    keys = batch.column("hash").to_pylist()
-    split = pa.array([docs.split_of(k, val, test, salt) for k in keys], pa.string())
-    return batch.set_column(batch.schema.get_field_index("split"), "split", split)
-
-
 def _input_paths(spec: JobSpec, layout: storage.Layout) -> list[str]:
     src = spec.data.source
     if src.kind == "files":
@@ -273,30 +255,6 @@ def source_rows(by_kind: dict[str, list[str]], count_dir: str, parquet: dict[str
     return rows
 
 
-def outcome_counts(batch: pa.Table) -> pa.Table:
-    """Partial rows per (node, source) of one block of output rows (merged on the driver)."""
-    keys = pa.table({"node": batch.column("node").fill_null("unknown"), "source": batch.column("source")})
-    counted = keys.group_by(["node", "source"]).aggregate([([], "count_all")])
-    return pa.table({"node": counted["node"], "source": counted["source"], "rows": counted["count_all"]})
-
-
-def accounted_rows(dirs: list[str]) -> tuple[dict[str, int], dict[str, int]]:
-    """(rows per Ray node that annotated them, rows per input file) over the given output directories.
-
-    Two small columns are read, not the documents.
-    """
-
-    per_node: dict[str, int] = defaultdict(int)
-    per_source: dict[str, int] = defaultdict(int)
-    for path in dirs:
-        if storage.exists(path):
-            ds = read_prepared(path, columns=["node", "source"])
-            for row in ds.map_batches(outcome_counts, batch_format="pyarrow").take_all():
-                per_node[row["node"]] += int(row["rows"])
-                per_source[row["source"]] += int(row["rows"])
-    return dict(sorted(per_node.items())), dict(sorted(per_source.items()))
-
-
 def check_accounting(read: dict[str, int], accounted: dict[str, int], kept: int, removed: int, quarantined: int,
                      where: str = "") -> None:
     """Fail unless every row read is exactly one of kept / removed / quarantined, file by file and in total.
@@ -349,32 +307,72 @@ def _move_partition(parent: str, partition: str, dest: str) -> None:
     fs.delete_dir(p)
 
 
-def summarize_block(batch: pa.Table, status: str, body: str, per_reason: int = 3) -> pa.Table:
-    """Partial accounting of one block: (status, reason, count, a few samples) per reason.
+def outcome_stats(batch: pa.Table, per_reason: int = 3) -> pa.Table:
+    """Partial accounting of one block of final rows, merged on the driver (`merge_outcomes`).
 
-    A map, not a shuffle: the driver merges the few rows per block that come back.
+    One row: a JSON document with the rows per (status, reason), per input file, per Ray node that annotated
+    them and per split of the kept ones, a few samples per removal or quarantine reason, and the PII
+    redactions in kept documents. A map over the rows the stage writes, not a shuffle and not a re-read.
     """
-    reasons = batch.column("reason").to_pylist()
-    ids = batch.column("doc_id").to_pylist()
-    bodies = batch.column(body).to_pylist()
-    counts: dict[str, int] = defaultdict(int)
+    status = batch.column("status").to_pylist()
+    reason = batch.column("reason").to_pylist()
+    acc: dict[str, Any] = {"reasons": defaultdict(int), "sources": defaultdict(int), "nodes": defaultdict(int),
+                           "splits": defaultdict(int), "samples": defaultdict(list), "pii": {}}
+    for s, r in zip(status, reason, strict=True):
+        acc["reasons"][f"{s}\0{r}"] += 1
+    keys = pa.table({"node": batch.column("node").fill_null("unknown"), "source": batch.column("source")})
+    for by, into in (("source", "sources"), ("node", "nodes")):
+        counted = keys.group_by([by]).aggregate([([], "count_all")])
+        for k, n in zip(counted[by].to_pylist(), counted["count_all"].to_pylist(), strict=True):
+            acc[into][k] += n
+    kept = pc.equal(batch.column("status"), docs.KEPT)
+    kept_rows = batch.filter(kept)
+    for sp in kept_rows.column("split").to_pylist():
+        acc["splits"][sp] += 1
+    acc["pii"] = {k: int(pc.sum(kept_rows.column(f"pii_{k}")).as_py() or 0) for k in PII_KINDS}
+    for st, body in ((docs.REMOVED, "text"), (docs.QUARANTINED, "raw")):
+        idx = [i for i, s in enumerate(status) if s == st]
+        if not idx:
+            continue
+        rows = batch.take(pa.array(idx)).select(["doc_id", "reason", body]).to_pylist()
+        for row in rows:
+            key = f"{st}:{row['reason']}"
+            if len(acc["samples"][key]) < per_reason:
+                acc["samples"][key].append({"doc_id": row["doc_id"], "snippet": _snippet(row[body] or "")})
+    return pa.table({"stats": [json.dumps(acc)]})
+
+
+def merge_outcomes(partials: list[dict[str, Any]], per_reason: int) -> dict[str, Any]:
+    """The stage's accounting from the partials of every block (see `outcome_stats`)."""
+    counts: dict[str, dict[str, int]] = {docs.KEPT: defaultdict(int), docs.REMOVED: defaultdict(int),
+                                         docs.QUARANTINED: defaultdict(int)}
+    sources: dict[str, int] = defaultdict(int)
+    nodes: dict[str, int] = defaultdict(int)
+    splits: dict[str, int] = defaultdict(int)
     samples: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for reason, doc_id, b in zip(reasons, ids, bodies, strict=True):
-        counts[reason] += 1
-        if len(samples[reason]) < per_reason:
-            samples[reason].append({"doc_id": doc_id, "snippet": _snippet(b or "")})
-    keys = sorted(counts)
-    return pa.table({"status": [status] * len(keys), "reason": keys, "count": [counts[k] for k in keys],
-                     "samples": [json.dumps(samples[k]) for k in keys]})
+    pii = dict.fromkeys(PII_KINDS, 0)
+    for p in partials:
+        for key, n in p["reasons"].items():
+            status, reason = key.split("\0", 1)
+            counts[status][reason] += n
+        for into, part in ((sources, p["sources"]), (nodes, p["nodes"]), (splits, p["splits"])):
+            for k, n in part.items():
+                into[k] += n
+        for key, found in p["samples"].items():
+            samples[key] = (samples[key] + found)[:per_reason]
+        for k in PII_KINDS:
+            pii[k] += p["pii"].get(k, 0)
+    return {"counts": counts, "sources": dict(sorted(sources.items())), "nodes": dict(sorted(nodes.items())),
+            "splits": dict(splits), "samples": samples, "pii": pii,
+            "kept": sum(counts[docs.KEPT].values()), "removed": sum(counts[docs.REMOVED].values()),
+            "quarantined": sum(counts[docs.QUARANTINED].values())}
 
 
-def split_sums(batch: pa.Table) -> pa.Table:
+def packed_sums(batch: pa.Table) -> pa.Table:
     """Partial per-split sums of one block of packed sequences (merged on the driver)."""
-    names = [p.rstrip("/").rsplit("/", 2)[-2] for p in batch.column("path").to_pylist()]
-    tokens = batch.column("num_tokens").to_pylist()
-    ndocs = batch.column("num_docs").to_pylist()
     acc: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    for name, t, n in zip(names, tokens, ndocs, strict=True):
+    for name, t, n in zip(batch.column("split").to_pylist(), batch.column("num_tokens").to_pylist(),
+                          batch.column("num_docs").to_pylist(), strict=True):
         a = acc[name]
         a[0] += 1
         a[1] += t
@@ -420,27 +418,6 @@ def partition_edges(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"a": a, "b": b}
 
 
-def mark_fuzzy(batch: pa.Table, clusters: Any) -> pa.Table:
-    """map_batches UDF: documents whose uid is a non-kept cluster member become 'fuzzy_duplicate'."""
-    import ray
-
-    removed, keep = ray.get(clusters) if isinstance(clusters, ray.ObjectRef) else clusters
-    uids = batch.column("uid").to_numpy()
-    if not len(removed) or not batch.num_rows:
-        return batch
-    pos = np.clip(np.searchsorted(removed, uids), 0, len(removed) - 1)
-    hit = removed[pos] == uids
-    if not hit.any():
-        return batch
-    status = np.where(hit, docs.REMOVED, np.asarray(batch.column("status").to_pylist(), dtype=object))
-    reason = np.where(hit, "fuzzy_duplicate", np.asarray(batch.column("reason").to_pylist(), dtype=object))
-    dup_of = np.where(hit, keep[pos], batch.column("dup_of").to_numpy())
-    for name, values, typ in (("status", status, pa.string()), ("reason", reason, pa.string()),
-                              ("dup_of", dup_of, pa.int64())):
-        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values.tolist(), typ))
-    return batch
-
-
 def join_clusters(max_pairs: int, *tables: pa.Table) -> tuple[Any, dict[str, Any]]:
     """Ray task: candidate-pair blocks -> (sorted uids to remove, the uid each one's cluster keeps), stats.
 
@@ -466,19 +443,128 @@ def join_clusters(max_pairs: int, *tables: pa.Table) -> tuple[Any, dict[str, Any
                              "removed": len(removed)}
 
 
-def fuzzy_dedup(ds, d: DataSpec):
-    """MinHash LSH over `ds` as Ray Data operations; returns (ds with near duplicates marked, statistics).
+def exact_key_rows(batch: pa.Table, parts: int) -> pa.Table:
+    """map_batches UDF: the small columns exact dedup needs (no text), with a partition of the text hash."""
+    part = [int(h[:8], 16) % parts for h in batch.column("hash").to_pylist()]
+    return pa.table({"hash": batch.column("hash"), "source": batch.column("source"), "line": batch.column("line"),
+                     "doc_id": batch.column("doc_id"), "uid": batch.column("uid"),
+                     "part": pa.array(part, pa.int32())})
+
+
+def partition_exact(group: pa.Table) -> pa.Table:
+    """map_groups UDF over one hash partition: (uid, kept uid) of every exact duplicate in it.
+
+    Vectorized: sort by (hash, source, line, doc_id); the first row of each run of equal hashes is kept
+    (the earliest document of the input), every later row is a duplicate of it.
+    """
+    order = pc.sort_indices(group, sort_keys=[("hash", "ascending"), ("source", "ascending"),
+                                              ("line", "ascending"), ("doc_id", "ascending")])
+    hashes = np.asarray(group.column("hash").take(order).to_pylist(), dtype=object)
+    uids = group.column("uid").take(order).to_numpy()
+    if len(uids) < 2:
+        return pa.table({"uid": pa.array([], pa.int64()), "keep": pa.array([], pa.int64())})
+    new_run = np.ones(len(uids), dtype=bool)
+    new_run[1:] = hashes[1:] != hashes[:-1]
+    first = uids[np.flatnonzero(new_run)[np.cumsum(new_run) - 1]]
+    return pa.table({"uid": pa.array(uids[~new_run], pa.int64()), "keep": pa.array(first[~new_run], pa.int64())})
+
+
+def collect_marks(*tables: pa.Table) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+    """Ray task: (uid, keep) blocks -> ((uids sorted, the uid kept for each), count); stays in the object store."""
+    cols = [(t.column("uid").to_numpy(), t.column("keep").to_numpy()) for t in tables if t.num_rows]
+    uid = np.concatenate([c[0] for c in cols]).astype(np.int64) if cols else np.empty(0, np.int64)
+    keep = np.concatenate([c[1] for c in cols]).astype(np.int64) if cols else np.empty(0, np.int64)
+    order = np.argsort(uid, kind="stable")
+    return (uid[order], keep[order]), len(uid)
+
+
+def exact_dedup(kept, n_docs: int):
+    """Exact duplicates among `kept` (annotated rows with status kept): an ObjectRef to (removed uids, kept uids)
+    and the number removed.
+
+    A hash shuffle of the small columns only (hash, source, line, doc_id, uid; never the text); each partition
+    finds its duplicates in one vectorized sort, and one task collects the (uid, kept uid) pairs.
+    """
+    import ray
+
+    parts = max(_shuffle_partitions(), n_docs // 1_000_000 + 1)
+    marks = (kept.map_batches(exact_key_rows, fn_args=(parts,), batch_format="pyarrow")
+             .groupby("part", num_partitions=min(parts, _shuffle_partitions() * 4))
+             .map_groups(partition_exact, batch_format="pyarrow"))
+    collect = ray.remote(collect_marks).options(num_returns=2, num_cpus=1)
+    ref, n_ref = collect.remote(*marks.to_arrow_refs())
+    return ref, int(ray.get(n_ref))
+
+
+def _lookup(marks: tuple[np.ndarray, np.ndarray], uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hit per uid, the kept uid for each hit) against sorted `marks`."""
+    removed, keep = marks
+    if not len(removed) or not len(uids):
+        return np.zeros(len(uids), dtype=bool), np.zeros(len(uids), dtype=np.int64)
+    pos = np.clip(np.searchsorted(removed, uids), 0, len(removed) - 1)
+    return removed[pos] == uids, keep[pos]
+
+
+def without_exact(batch: pa.Table, exact: Any) -> pa.Table:
+    """map_batches UDF: the rows that are not exact duplicates (the documents fuzzy dedup compares)."""
+    hit, _ = _lookup(_resolve(exact), batch.column("uid").to_numpy())
+    return batch.filter(pa.array(~hit, pa.bool_())) if hit.any() else batch
+
+
+def finalize(batch: pa.Table, exact: Any, fuzzy: Any, val: float, test: float, salt: str) -> pa.Table:
+    """map_batches UDF: each annotated row's final outcome.
+
+    A kept row found among the exact duplicates becomes removed ('exact_duplicate'); one found among the
+    near duplicates becomes removed ('fuzzy_duplicate', `dup_of` the uid its cluster keeps). Every row that
+    survived exact dedup gets its split, a stable hash of its text.
+    """
+    status = np.asarray(batch.column("status").to_pylist(), dtype=object)
+    kept = status == docs.KEPT
+    if not kept.any():
+        return batch
+    uids = batch.column("uid").to_numpy()
+    reason = np.asarray(batch.column("reason").to_pylist(), dtype=object)
+    dup_of = batch.column("dup_of").to_numpy().copy()
+    ex_hit, _ = _lookup(_resolve(exact), uids)
+    ex_hit &= kept
+    fz_hit, fz_keep = _lookup(_resolve(fuzzy), uids)
+    fz_hit &= kept & ~ex_hit
+    status[ex_hit | fz_hit] = docs.REMOVED
+    reason[ex_hit] = "exact_duplicate"
+    reason[fz_hit] = "fuzzy_duplicate"
+    dup_of[fz_hit] = fz_keep[fz_hit]
+    hashes = batch.column("hash").to_pylist()
+    split = [docs.split_of(h, val, test, salt) if k else "" for h, k in zip(hashes, kept & ~ex_hit, strict=True)]
+    for name, values, typ in (("status", status.tolist(), pa.string()), ("reason", reason.tolist(), pa.string()),
+                              ("dup_of", dup_of, pa.int64()), ("split", split, pa.string())):
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, typ))
+    return batch
+
+
+_EMPTY_MARKS = (np.empty(0, np.int64), np.empty(0, np.int64))
+
+
+def _resolve(marks: Any) -> tuple[np.ndarray, np.ndarray]:
+    import ray
+
+    if marks is None:
+        return _EMPTY_MARKS
+    return ray.get(marks) if isinstance(marks, ray.ObjectRef) else marks
+
+
+def fuzzy_dedup(ds, d: DataSpec, n_docs: int) -> tuple[Any, dict[str, Any]]:
+    """MinHash LSH over `ds` (`n_docs` documents) as Ray Data operations; returns (an ObjectRef to the near
+    duplicates: sorted uids to remove and the uid each one's cluster keeps, statistics).
 
     Signatures and band keys: map_batches. Bucket join: a hash shuffle (groupby) on a partition of the
     band key; every partition groups its rows by key in one vectorized sort and emits candidate pairs
     (16 bytes each). Clusters: one Ray task joins the pairs (union-find) from the object store and hands
-    its result, by reference, to the map that marks documents. The driver sees counts only. Each
+    its result, by reference, to the pass that marks documents (`finalize`). The driver sees counts only. Each
     cluster keeps its smallest uid (the earliest document of the input).
     """
     import ray
 
     fz = d.fuzzy_dedup
-    n_docs = ds.count()
     parts = max(_shuffle_partitions(), n_docs * fz.num_bands // 500_000 + 1)
     rows = ds.select_columns(["uid", "text"]).map_batches(band_rows, fn_args=(fz.model_dump(), parts),
                                                           batch_format="pyarrow", batch_size=256)
@@ -493,7 +579,7 @@ def fuzzy_dedup(ds, d: DataSpec):
              "rows_per_band": fz.rows_per_band, "ngram": fz.ngram, "shuffle_partitions": parts}
     log.info("fuzzy dedup: %d documents, %d candidate pairs, %d clusters, %d near duplicates removed",
              n_docs, stats["candidate_pairs"], stats["clusters"], stats["removed"])
-    return ds.map_batches(mark_fuzzy, fn_args=(clusters,), batch_format="pyarrow"), stats
+    return clusters, stats
 
 
 def below_hash_threshold(batch: pa.Table, threshold: int) -> pa.Table:
@@ -502,24 +588,21 @@ def below_hash_threshold(batch: pa.Table, threshold: int) -> pa.Table:
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
-def tokenizer_sample(train_docs, n: int) -> list[str]:
+def tokenizer_sample(train_docs, n: int, total: int | None = None) -> list[str]:
     """Up to `n` training texts for the tokenizer, chosen and ordered by text hash.
 
     The same documents in the same order whatever the cluster's shape or the order blocks finish in,
     so the trained tokenizer (and every token id downstream) is the same on 1 node or 10. Only about
-    1.5 x n texts reach the driver: a hash-prefix filter runs first on the cluster.
+    1.5 x n texts reach the driver: a hash-prefix filter runs first on the cluster. `total`: the number of
+    training documents, when the caller knows it (counted otherwise).
     """
     rows = train_docs.select_columns(["hash", "text"])
-    total = rows.count()
+    total = rows.count() if total is None else total
     if total > n:
         threshold = int(min(1.0, 1.5 * n / total) * (1 << 32))
         rows = rows.map_batches(below_hash_threshold, fn_args=(threshold,), batch_format="pyarrow")
     picked = sorted((r["hash"], r["text"]) for r in rows.take_all())
     return [text for _, text in picked[:n]]
-
-
-def _column_sums(batch: pa.Table) -> pa.Table:
-    return pa.table({c: [int(pc.sum(batch.column(c)).as_py() or 0)] for c in batch.column_names})
 
 
 def dataset_version(spec: JobSpec) -> tuple[str, list[str]]:
@@ -542,12 +625,20 @@ def dataset_version(spec: JobSpec) -> tuple[str, list[str]]:
 
 
 def curate(spec: JobSpec, out: str | None = None) -> dict[str, Any]:
-    """Passes 1-3 of the data stage: annotate, dedup + split, accounting. Writes documents/, removed/,
-    quarantine/ under `out` (default: this spec's dataset version) and returns the counts (the benchmark times this
-    part alone)."""
-    import ray.data
+    """Curation, the part of the data stage before the tokenizer: read + annotate, exact and near dedup, split,
+    accounting. Writes documents/, removed/, quarantine/ under `out` (default: this spec's dataset version)
+    and returns the counts and the kept documents as a dataset (the benchmark times this part alone).
+
+    One pass reads and annotates every row into Ray's object store (spilled to disk when the corpus does not
+    fit); the two dedup steps shuffle small columns of it (hash and ids; band keys and ids), never the text;
+    one more pass gives every row its final outcome, and the outputs are written once, from that, with the
+    counts the accounting needs taken on the way (no file is read back but Parquet footers).
+    """
+    import ray
+    from ray.data.expressions import col
 
     t0 = time.time()
+    steps: dict[str, float] = {}
     d = spec.data
     layout = storage.Layout(spec.storage.root)
     version, paths = dataset_version(spec)
@@ -561,84 +652,83 @@ def curate(spec: JobSpec, out: str | None = None) -> dict[str, Any]:
         log.warning("skipping %d files of unknown type, e.g. %s", len(skipped), skipped[:3])
     parquet = parquet_rows(by_kind.get("parquet", []))
 
-    # 1. Annotate every row (kept / removed / quarantined), partitioned by status; the readers count rows read.
+    # 1. Annotate every row (kept / removed / quarantined); the readers count rows read at the source.
     count_dir = storage.join(stage, "read")
-    annotated = _annotated(spec, by_kind, count_dir)
-    annotated.write_parquet(storage.join(stage, "annotated"), partition_cols=["status"])
+    t = time.time()
+    annotated = _annotated(spec, by_kind, count_dir).materialize()
     read_by_source = source_rows(by_kind, count_dir, parquet)
-    _move_partition(storage.join(stage, "annotated"), "status=removed", storage.join(out, "removed"))
-    _move_partition(storage.join(stage, "annotated"), "status=quarantined", storage.join(out, "quarantine"))
+    kept = annotated.filter(expr=col("status") == docs.KEPT)
+    n_candidates = kept.count()
+    steps["read_annotate"] = time.time() - t
 
-    # 2. Exact dedup (a distributed shuffle on the text hash), fuzzy dedup (MinHash LSH), the stable split.
+    # 2. Exact dedup (a shuffle of hashes and ids), fuzzy dedup (MinHash LSH) on what exact dedup left.
+    t = time.time()
+    exact_ref, n_exact = None, 0
+    if d.exact_dedup and n_candidates:
+        exact_ref, n_exact = exact_dedup(kept, n_candidates)
+    steps["exact_dedup"] = time.time() - t
+    t = time.time()
     fuzzy_stats: dict[str, Any] = {"enabled": d.fuzzy_dedup.enabled}
-    kept_dir = storage.join(stage, "annotated", "status=kept")
-    if storage.exists(kept_dir):
-        kept = read_prepared(kept_dir)
-        kept = kept.map_batches(_with_status, fn_args=(docs.KEPT,), batch_format="pyarrow")
-        if d.exact_dedup:
-            kept = kept.groupby("hash", num_partitions=_shuffle_partitions()).map_groups(
-                mark_exact_duplicates, batch_format="pyarrow")
-        kept.write_parquet(storage.join(stage, "exact"), partition_cols=["status"])
-        _move_partition(storage.join(stage, "exact"), "status=removed", storage.join(out, "removed"))
-    unique_dir = storage.join(stage, "exact", "status=kept")
-    if storage.exists(unique_dir):
-        unique = read_prepared(unique_dir).map_batches(_with_status, fn_args=(docs.KEPT,),
-                                                               batch_format="pyarrow")
-        if d.fuzzy_dedup.enabled:
-            unique, fuzzy_stats = fuzzy_dedup(unique, d)
-        unique = unique.map_batches(add_split, fn_args=(d.split.val_fraction, d.split.test_fraction, d.split.salt),
-                                    batch_format="pyarrow")
-        unique.write_parquet(storage.join(stage, "curated"), partition_cols=["status"])
-        _move_partition(storage.join(stage, "curated"), "status=kept", storage.join(out, "documents"))
-        _move_partition(storage.join(stage, "curated"), "status=removed", storage.join(out, "removed"))
-    if not storage.exists(storage.join(out, "documents")):
+    fuzzy_ref = None
+    if d.fuzzy_dedup.enabled and n_candidates > n_exact:
+        unique = kept.map_batches(without_exact, fn_args=(exact_ref,), batch_format="pyarrow") if n_exact else kept
+        fuzzy_ref, fuzzy_stats = fuzzy_dedup(unique, d, n_candidates - n_exact)
+    steps["fuzzy_dedup"] = time.time() - t
+
+    # 3. Every row's outcome and split, the accounting over those rows, then the outputs, each written once.
+    t = time.time()
+    sp = d.split
+    final = annotated.map_batches(finalize, fn_args=(exact_ref, fuzzy_ref, sp.val_fraction, sp.test_fraction,
+                                                     sp.salt), batch_format="pyarrow").materialize()
+    del annotated, kept
+    partials = final.map_batches(outcome_stats, fn_args=(d.report_samples,), batch_format="pyarrow").take_all()
+    acc = merge_outcomes([json.loads(r["stats"]) for r in partials], d.report_samples)
+    steps["outcomes"] = time.time() - t
+    t = time.time()
+    written: dict[str, int] = {}
+    for sub, status in (("documents", docs.KEPT), ("removed", docs.REMOVED), ("quarantine", docs.QUARANTINED)):
+        if acc[{"documents": "kept", "quarantine": "quarantined"}.get(sub, sub)]:
+            final.filter(expr=col("status") == status).drop_columns(["status"]).write_parquet(storage.join(out, sub))
+            written[sub] = sum(parquet_rows(parquet_files(storage.join(out, sub))).values())  # footers: no data pass
+    steps["write"] = time.time() - t
+    if not acc["kept"]:
         raise StageInputError(f"data stage kept no documents from {paths}; see {out}/removed and {out}/quarantine")
 
-    # 3. Accounting: every row read is exactly one of kept / removed (by reason) / quarantined (by reason).
-    counts: dict[str, dict[str, int]] = {docs.REMOVED: defaultdict(int), docs.QUARANTINED: defaultdict(int)}
-    samples: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for sub, status, body in (("removed", docs.REMOVED, "text"), ("quarantine", docs.QUARANTINED, "raw")):
-        if not storage.exists(storage.join(out, sub)):
-            continue
-        partial = read_prepared(storage.join(out, sub), columns=["doc_id", "reason", body])
-        for row in partial.map_batches(summarize_block, fn_args=(status, body, d.report_samples),
-                                       batch_format="pyarrow").take_all():
-            counts[status][row["reason"]] += int(row["count"])
-            key = f"{status}:{row['reason']}"
-            samples[key] = (samples[key] + json.loads(row["samples"]))[:d.report_samples]
-    n_kept = sum(parquet_rows(parquet_files(storage.join(out, "documents"))).values())  # footers: no data pass
-    n_removed = sum(counts[docs.REMOVED].values())
-    n_quarantined = sum(counts[docs.QUARANTINED].values())
-    n_read = sum(read_by_source.values())  # counted at the source, not from the outcomes
-    pii_counts = dict.fromkeys(PII_KINDS, 0)
-    pii_cols = [f"pii_{k}" for k in PII_KINDS]
-    documents = read_prepared(storage.join(out, "documents"), columns=pii_cols)
-    for row in documents.map_batches(_column_sums, batch_format="pyarrow").take_all():
-        for k in PII_KINDS:
-            pii_counts[k] += int(row[f"pii_{k}"])
-
-    # Every row read is exactly one output row, file by file. Also the work per node: which node annotated
-    # each row (the pass that touches every byte; reads are separate tasks).
-    per_node, per_source = accounted_rows([storage.join(out, sub) for sub in ("documents", "removed", "quarantine")])
-    check_accounting(read_by_source, per_source, n_kept, n_removed, n_quarantined, where=out)
-    nodes = {"cluster_nodes": sum(1 for n in ray.nodes() if n.get("Alive")), "rows_annotated": per_node}
-
+    # Every row read is exactly one output row, file by file; what was written is what was counted. Also the
+    # work per node: which node annotated each row (the pass that touches every byte; reads are separate tasks).
+    check_accounting(read_by_source, acc["sources"], acc["kept"], acc["removed"], acc["quarantined"], where=out)
+    for sub, n in (("documents", acc["kept"]), ("removed", acc["removed"]), ("quarantine", acc["quarantined"])):
+        if written.get(sub, 0) != n:
+            raise AccountingError(f"data stage accounting failed: {written.get(sub, 0)} rows written to {out}/{sub}, "
+                                  f"but {n} were counted for it")
+    nodes = {"cluster_nodes": sum(1 for n in ray.nodes() if n.get("Alive")), "rows_annotated": acc["nodes"]}
+    counts = {docs.REMOVED: acc["counts"][docs.REMOVED], docs.QUARANTINED: acc["counts"][docs.QUARANTINED]}
+    log.info("curation steps (s): %s", {k: round(v, 1) for k, v in steps.items()})
     return {"t0": t0, "out": out, "stage": stage, "layout": layout, "paths": paths, "by_kind": by_kind,
-            "nodes": nodes, "skipped": skipped, "counts": counts, "samples": samples, "n_kept": n_kept,
-            "n_removed": n_removed, "n_quarantined": n_quarantined, "n_read": n_read, "pii_counts": pii_counts,
-            "fuzzy_stats": fuzzy_stats}
+            "nodes": nodes, "skipped": skipped, "counts": counts, "samples": acc["samples"], "n_kept": acc["kept"],
+            "n_removed": acc["removed"], "n_quarantined": acc["quarantined"], "n_read": sum(read_by_source.values()),
+            "pii_counts": acc["pii"], "fuzzy_stats": fuzzy_stats, "splits": acc["splits"], "steps": steps,
+            "documents": final.filter(expr=col("status") == docs.KEPT)}
+
+
+def tokenize_pack(documents, tokenizer_json: str, seq_len: int):
+    """Kept documents (columns text, split) -> packed sequences of each split, batched encoding in an actor pool."""
+    from raytrain.data.tokenizer import TokenizePack
+
+    return documents.select_columns(["text", "split"]).map_batches(
+        TokenizePack, fn_constructor_args=(tokenizer_json, seq_len), batch_size=TOKENIZE_BATCH,
+        batch_format="pyarrow", concurrency=(1, 8))
 
 
 def run_data(spec: JobSpec) -> dict[str, Any]:
     """Run the data stage; returns the manifest (also written to datasets/<name>/manifest.json).
 
-    Six streaming passes, each ending in files on the storage root: annotate, dedup + split,
-    accounting, tokenizer sample, tokenize + pack, split statistics.
+    Curation (`curate`), then the tokenizer trained on a sample of the kept training documents, then tokenize +
+    pack from the curated documents still in the object store, each split written once.
     """
-    import ray.data
     from ray.data.expressions import col
 
-    from raytrain.data.tokenizer import TokenizePack, train_tokenizer
+    from raytrain.data.tokenizer import train_tokenizer
     from raytrain.registry import set_dataset_latest
 
     d = spec.data
@@ -650,15 +740,16 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
         set_dataset_latest(spec.storage.root, d.name, version)
         return storage.read_json(storage.join(version_dir, "manifest.json"))
     c = curate(spec, version_dir)
-    t0, out, stage, paths = c["t0"], c["out"], c["stage"], c["paths"]
+    t0, out, stage, paths, steps = c["t0"], c["out"], c["stage"], c["paths"], c["steps"]
     by_kind, skipped, counts, samples = c["by_kind"], c["skipped"], c["counts"], c["samples"]
     n_kept, n_removed, n_quarantined, n_read = c["n_kept"], c["n_removed"], c["n_quarantined"], c["n_read"]
     pii_counts, fuzzy_stats = c["pii_counts"], c["fuzzy_stats"]
-    documents = read_prepared(storage.join(out, "documents"))
+    documents = c["documents"]
 
     # 4. Tokenizer on a sample of the training split only (val/test stay unseen).
+    t = time.time()
     train_docs = documents.filter(expr=col("split") == "train")
-    sample = tokenizer_sample(train_docs, d.tokenizer.sample_docs)
+    sample = tokenizer_sample(train_docs, d.tokenizer.sample_docs, total=c["splits"].get("train", 0))
     if not sample:
         raise StageInputError(f"data stage kept no training documents (read {n_read}); see {out}/report.json")
     tok_dir = storage.join(out, "tokenizer")  # with the version: a newer corpus never replaces an older tokenizer
@@ -666,20 +757,19 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
         train_tokenizer(sample, d.tokenizer.vocab_size, d.tokenizer.min_frequency, tmp)
         tok_bytes = (Path(tmp) / "tokenizer.json").read_bytes()
         storage.upload_dir(tmp, tok_dir)
+    steps["tokenizer"] = time.time() - t
 
-    # 5. Tokenize + pack every split in one pass; 6. per-split statistics.
-    packed = documents.select_columns(["text", "split"]).map_batches(
-        TokenizePack, fn_constructor_args=(tok_bytes.decode(), d.seq_len), batch_size=256,
-        batch_format="numpy", concurrency=(1, 8))
-    packed.write_parquet(storage.join(stage, "packed"), partition_cols=["split"])
-    for split in SPLITS:
-        _move_partition(storage.join(stage, "packed"), f"split={split}", storage.join(out, split))
+    # 5. Tokenize + pack every split in one pass, with the per-split sums; each split written once.
+    t = time.time()
+    packed = tokenize_pack(documents, tok_bytes.decode(), d.seq_len).materialize()
     split_stats: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    written = [storage.join(out, sp) for sp in SPLITS if storage.exists(storage.join(out, sp))]
-    for row in (ray.data.read_parquet(written, include_paths=True).select_columns(["path", "num_tokens", "num_docs"])
-                .map_batches(split_sums, batch_format="pyarrow").take_all()):
+    for row in packed.map_batches(packed_sums, batch_format="pyarrow").take_all():
         for k in ("sequences", "tokens", "documents"):
             split_stats[row["split"]][k] += int(row[k])
+    for split in SPLITS:
+        if split_stats[split]["sequences"]:
+            packed.filter(expr=col("split") == split).drop_columns(["split"]).write_parquet(storage.join(out, split))
+    del packed, documents
     splits = {
         split: {
             "documents": split_stats[split]["documents"],
@@ -690,6 +780,7 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
         for split in SPLITS
     }
     storage.remove_tree(stage)
+    steps["tokenize_pack_write"] = time.time() - t
 
     report = {
         "dataset": d.name,
@@ -708,6 +799,7 @@ def run_data(spec: JobSpec) -> dict[str, Any]:
         "inputs_by_format": {k: len(v) for k, v in by_kind.items()},
         "samples": samples,
         "seconds": round(time.time() - t0, 1),
+        "seconds_by_step": {k: round(v, 1) for k, v in steps.items()},
     }
     storage.write_json(storage.join(out, "report.json"), report)
     write_report_md(report, out)

@@ -69,27 +69,35 @@ class TokenizePack:
         self.pad = self.tok.token_to_id(PAD)
         self.seq_len = seq_len
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        texts = [str(t) for t in batch["text"]]
-        splits = [str(s) for s in batch["split"]] if "split" in batch else [""] * len(texts)
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        """`batch`: a pyarrow Table or a dict of columns with `text` and, optionally, `split`."""
+        if hasattr(batch, "column_names"):
+            texts = batch.column("text").to_pylist()
+            splits = batch.column("split").to_pylist() if "split" in batch.column_names else None
+        else:
+            texts = [str(t) for t in batch["text"]]
+            splits = [str(s) for s in batch["split"]] if "split" in batch else None
+        if splits is None or len(set(splits)) <= 1:
+            return self._with_split(self._pack(texts), splits[0] if splits else "")
         # A batch can mix splits; pack each on its own so no sequence straddles two splits.
         by_split: dict[str, list[str]] = {}
         for text, split in zip(texts, splits, strict=True):
             by_split.setdefault(split, []).append(text)
-        parts = [self._pack(group) | {"split": np.full(0, "", dtype=object)} for group in by_split.values()]
-        for part, split in zip(parts, by_split, strict=True):
-            part["split"] = np.full(len(part["num_tokens"]), split, dtype=object)
-        if not parts:
-            return self._pack([]) | {"split": np.full(0, "", dtype=object)}
+        parts = [self._with_split(self._pack(group), split) for split, group in by_split.items()]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
+    @staticmethod
+    def _with_split(packed: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
+        return packed | {"split": np.full(len(packed["num_tokens"]), split, dtype=object)}
+
     def _pack(self, texts: list[str]) -> dict[str, np.ndarray]:
-        encs = self.tok.encode_batch(texts, add_special_tokens=False)
-        flat: list[int] = []
-        for enc in encs:
-            flat.extend(enc.ids)
-            flat.append(self.eos)
-        ids = np.asarray(flat, dtype=np.int32)
+        docs = [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)] if texts else []
+        # Every document ends with end-of-text: one flat array, filled per document with its ids.
+        ids = np.full(sum(len(d) for d in docs) + len(docs), self.eos, dtype=np.int32)
+        start = 0
+        for d in docs:
+            ids[start:start + len(d)] = d
+            start += len(d) + 1
         n_full, rem = divmod(len(ids), self.seq_len)
         rows = n_full + (1 if rem else 0)
         out = np.full((rows, self.seq_len), self.pad, dtype=np.int32)  # (rows, seq_len)
