@@ -309,6 +309,87 @@ def run(num_docs: int = 100_000, seed: int = 0, rounds: int = 1, cpus: int | Non
     return result
 
 
+def profile(num_docs: int, seed: int, top: int = 15) -> dict[str, Any]:
+    """Where the data stage's CPU time goes: its per-row work (the UDFs its Ray Data steps run: annotate, exact-dedup
+    keys, MinHash band keys, bucket join, final outcomes, accounting, tokenize + pack) run in this process under
+    cProfile on the generated corpus, batch by batch as the stage runs them. Ray's scheduling, object transfer and
+    Parquet I/O are not in it (the stage's `seconds_by_step` and the throughput run cover the whole).
+
+    Returns the seconds of each step and the `top` functions by own time and by cumulative time.
+    """
+    import cProfile
+    import pstats
+
+    import pyarrow as pa
+
+    from raytrain.data import pipeline as pl
+    from raytrain.data.readers import RAW_SCHEMA
+    from raytrain.data.tokenizer import TokenizePack, train_tokenizer
+
+    work = Path(tempfile.mkdtemp())
+    _, inp, _ = prepare_corpus(work, num_docs, seed)
+    spec = _bench_spec(inp, work / "rt")
+    spec_json = spec.data.model_dump(mode="json")
+    files = sorted(inp.glob("*.jsonl"))
+    ranks = {str(f): i for i, f in enumerate(files)}
+    batches = []
+    for f in files:
+        lines = f.read_bytes().split(b"\n")
+        rows = [(raw, str(f), i + 1) for i, raw in enumerate(lines) if raw.strip()]
+        for i in range(0, len(rows), 256):
+            chunk = rows[i:i + 256]
+            batches.append(pa.table({"raw": [r[0] for r in chunk], "source": [r[1] for r in chunk],
+                                     "line": [r[2] for r in chunk]}, schema=RAW_SCHEMA))
+    fz = spec.data.fuzzy_dedup
+    sp = spec.data.split
+    steps: dict[str, float] = {}
+    prof = cProfile.Profile()
+
+    def step(name: str, fn: Any) -> Any:
+        t0 = time.perf_counter()
+        prof.enable()
+        try:
+            return fn()
+        finally:
+            prof.disable()
+            steps[name] = round(time.perf_counter() - t0, 3)
+
+    annotated = step("annotate", lambda: [pl.annotate_batch(b, spec_json, "jsonl", ranks) for b in batches])
+    kept = [b.filter(pa.compute.equal(b.column("status"), "kept")) for b in annotated]
+    keys = pa.concat_tables(step("exact_keys", lambda: [pl.exact_key_rows(b, 4) for b in kept]))
+    marks = step("exact_groups", lambda: [pl.partition_exact(keys.filter(pa.compute.equal(keys.column("part"), p)))
+                                          for p in range(4)])
+    exact, _ = pl.collect_marks(*marks)
+    unique = [pl.without_exact(b, exact) for b in kept]
+    bands = pa.concat_tables(step("minhash_bands", lambda: [pl.band_rows(b.select(["uid", "text"]), fz.model_dump(), 4)
+                                                            for b in unique]))
+    edges = step("bucket_join", lambda: [pl.partition_edges({c: bands.filter(pa.compute.equal(bands.column("part"), p))
+                                                             .column(c).to_numpy() for c in ("key", "uid")})
+                                         for p in range(4)])
+    fuzzy, _ = step("clusters", lambda: pl.join_clusters(fz.max_pairs, *[pa.table(e) for e in edges]))
+    final = step("finalize", lambda: [pl.finalize(b, exact, fuzzy, sp.val_fraction, sp.test_fraction, sp.salt)
+                                      for b in annotated])
+    step("accounting", lambda: [pl.outcome_stats(b, spec.data.report_samples) for b in final])
+    texts = [t for b in final for t, s in zip(b.column("text").to_pylist(), b.column("status").to_pylist(),
+                                               strict=True) if s == "kept"]
+    with tempfile.TemporaryDirectory() as tmp:
+        train_tokenizer(texts[:5000], spec.data.tokenizer.vocab_size, 2, tmp)
+        pack = TokenizePack((Path(tmp) / "tokenizer.json").read_text(), spec.data.seq_len)
+    step("tokenize_pack", lambda: [pack({"text": texts[i:i + pl.TOKENIZE_BATCH]})
+                                   for i in range(0, len(texts), pl.TOKENIZE_BATCH)])
+    stats = pstats.Stats(prof)
+    total = sum(steps.values())
+
+    def rows(key: int) -> list[dict[str, Any]]:
+        entries = sorted(stats.stats.items(), key=lambda kv: kv[1][key], reverse=True)[:top]  # type: ignore[attr-defined]
+        return [{"function": f"{Path(f).name}:{line}({name})", "calls": nc, "own_s": round(tt, 3),
+                 "cumulative_s": round(ct, 3), "own_pct": round(100 * tt / total, 1)}
+                for (f, line, name), (_, nc, tt, ct, _) in entries]
+
+    return {"benchmark": "data-profile", "num_docs": num_docs, "machine": machine(_PACKAGES), "seconds_by_step": steps,
+            "total_s": round(total, 3), "top_own": rows(2), "top_cumulative": rows(3)}
+
+
 def _memory_child(num_docs: int, seed: int, cpus: int) -> dict[str, Any]:
     import ray
 
@@ -351,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tokenize", action="store_true", help="skip the tokenization comparison")
     p.add_argument("--memory", action="store_true", help="measure driver peak RSS at N and 4N documents instead")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true",
+                   help="profile the stage's per-row work in this process (cProfile) instead: top functions by time")
     p.add_argument("--workdir", default=None, help="where the corpus and outputs go (default: a temp dir)")
     p.add_argument("--out", default=None, help="JSON result file (default: artifacts/bench/data-<N>.json)")
     args = p.parse_args(argv)
@@ -360,12 +443,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_child is not None:
         print(json.dumps(_memory_child(args.memory_child, args.seed, cpus)))
         return 0
-    if args.memory:
+    if args.profile:
+        result = profile(args.num_docs, args.seed)
+    elif args.memory:
         result = memory(args.num_docs, args.seed, cpus)
     else:
         result = run(args.num_docs, args.seed, args.rounds, cpus, args.datatrove_python or None, args.workdir,
                      not args.no_tokenize)
-    out = Path(args.out or f"artifacts/bench/data{'-memory' if args.memory else ''}-{args.num_docs}.json")
+    kind = "-profile" if args.profile else "-memory" if args.memory else ""
+    out = Path(args.out or f"artifacts/bench/data{kind}-{args.num_docs}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2, default=str))
