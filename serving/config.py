@@ -148,6 +148,15 @@ class ServeAppConfig(BaseModel):
         ge=1,
         description="Most sequences the torch engine decodes together; concurrent requests join the running batch.",
     )
+    stream_interval_s: float = Field(
+        0.05,
+        ge=0,
+        le=5,
+        description="Streamed responses: after the first chunk, text is sent at most this often (seconds), several "
+        "tokens of a choice merged into one chunk; the first text and the end of a stream go out at once. Each "
+        "chunk costs a trip through the replica, the proxy and the client, so this bounds that cost per request "
+        "rather than per token. 0 sends every token as soon as it is ready.",
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API-key authentication (off by default).")
     max_ongoing_requests: int = Field(
         16,

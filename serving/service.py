@@ -109,6 +109,15 @@ def sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
+# How often a stream sends text after its first chunk, unless the config says otherwise (ServeAppConfig).
+DEFAULT_STREAM_INTERVAL_S = 0.05
+
+
+def _merge(a: TextDelta, b: TextDelta) -> TextDelta:
+    """One delta for two consecutive deltas of a choice (text and log-probability entries concatenated)."""
+    return TextDelta(a.text + b.text, a.logprobs + b.logprobs)
+
+
 class OpenAIService:
     """The models one replica serves and the rules a request must pass before it reaches an engine."""
 
@@ -120,6 +129,7 @@ class OpenAIService:
         created: int | None = None,
         metrics: Metrics | None = None,
         entries: Mapping[str, ModelEntry] | None = None,
+        stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
     ) -> None:
         if not engines:
             raise ValueError("OpenAIService needs at least one engine")
@@ -128,6 +138,7 @@ class OpenAIService:
         self._max_tokens_limit = max_tokens_limit
         self._created = int(time.time()) if created is None else created
         self.metrics: Metrics = metrics or NullMetrics()
+        self._stream_interval_s = stream_interval_s
 
     @classmethod
     def from_config(cls, config: ServeAppConfig, metrics: Metrics | None = None) -> OpenAIService:
@@ -143,7 +154,13 @@ class OpenAIService:
             )
             logger.info("model %s ready from %s in %.1fs", entry.name, entry.path, time.monotonic() - started)
         entries = {entry.name: entry for entry in config.models}
-        return cls(engines, max_tokens_limit=config.max_tokens_limit, metrics=metrics, entries=entries)
+        return cls(
+            engines,
+            max_tokens_limit=config.max_tokens_limit,
+            metrics=metrics,
+            entries=entries,
+            stream_interval_s=config.stream_interval_s,
+        )
 
     def report_queue_depth_every(self, interval_s: float) -> threading.Thread:
         """Keep the queue-depth gauge fresh from a daemon thread.
@@ -442,9 +459,9 @@ class OpenAIService:
             logprobs = writers[index].write(delta.logprobs) if with_logprobs else None
             return chunk([CompletionStreamChoice(index=index, text=delta.text, logprobs=logprobs)])
 
-        def on_prompt(index: int, prompt: PromptLogprobs) -> str:
+        def on_prompt(index: int, prompt: PromptLogprobs) -> TextDelta:
             # The echoed prompt goes out with its log-probabilities, once the engine has read it.
-            return on_text(index, TextDelta(prefix_of[index], prompt.logprobs))
+            return TextDelta(prefix_of[index], prompt.logprobs)
 
         def on_done(job: _Job, result: GenerationResult) -> str:
             return chunk([CompletionStreamChoice(index=job.index, text="", finish_reason=result.finish_reason)])
@@ -513,15 +530,18 @@ class OpenAIService:
         on_usage: Callable[[Sequence[GenerationResult]], str],
         prefixes: Mapping[int, str],
         on_error: Callable[[APIError], None] | None = None,
-        on_prompt: Callable[[int, PromptLogprobs], str] | None = None,
+        on_prompt: Callable[[int, PromptLogprobs], TextDelta] | None = None,
     ) -> AsyncIterator[str]:
-        events: asyncio.Queue[str | None] = asyncio.Queue()
+        # Queued: (choice index, text delta) as generation produces them, rendered events (a choice's end, usage),
+        # and None once generation is over. Text is rendered only when sent, so that a choice's deltas that wait for
+        # the same write become one chunk.
+        events: asyncio.Queue[tuple[int, TextDelta] | str | None] = asyncio.Queue()
         for index, prefix in prefixes.items():
-            events.put_nowait(on_text(index, TextDelta(prefix)))
+            events.put_nowait((index, TextDelta(prefix)))
 
         def prompt_event(index: int, prompt: PromptLogprobs) -> None:
             if on_prompt is not None:
-                events.put_nowait(on_prompt(index, prompt))
+                events.put_nowait((index, on_prompt(index, prompt)))
 
         async def produce() -> list[GenerationResult]:
             try:
@@ -530,7 +550,7 @@ class OpenAIService:
                     request,
                     route,
                     jobs,
-                    lambda i, delta: events.put_nowait(on_text(i, delta)),
+                    lambda i, delta: events.put_nowait((i, delta)),
                     prompt_event if on_prompt is not None else None,
                 )
                 for job, result in zip(jobs, results, strict=True):
@@ -541,21 +561,60 @@ class OpenAIService:
             finally:
                 events.put_nowait(None)
 
+        def render(batch: list[tuple[int, TextDelta] | str | None]) -> str:
+            # Consecutive deltas of a choice merge into one chunk; rendered events keep their place.
+            parts: list[str] = []
+            run: dict[int, TextDelta] = {}
+            for item in batch:
+                if item is None:
+                    continue
+                if isinstance(item, str):
+                    parts.extend(sse(on_text(i, d)) for i, d in run.items())
+                    run.clear()
+                    parts.append(sse(item))
+                    continue
+                index, delta = item
+                before = run.get(index)
+                run[index] = delta if before is None else _merge(before, delta)
+            parts.extend(sse(on_text(i, d)) for i, d in run.items())
+            return "".join(parts)
+
+        loop = asyncio.get_running_loop()
+        interval = self._stream_interval_s
         task = asyncio.create_task(produce())
         try:
-            done = False
-            while not done:
-                # Send everything already queued as one write: when the client or the proxy falls behind, events
-                # coalesce instead of each paying its own trip through the replica, the proxy and the socket.
+            last_write: float | None = None
+            while True:
+                # Everything already queued goes out as one write. After the first write, text waits until
+                # `interval` has passed since the previous one (the end of the stream never waits): each write is a
+                # trip through the replica, the proxy, the socket and the client's parser, so this bounds that cost
+                # per second of generation instead of paying it per token.
                 batch = [await events.get()]
                 while not events.empty():
                     batch.append(events.get_nowait())
-                done = batch[-1] is None
-                text = "".join(sse(e) for e in batch if e is not None)
+                wait = 0.0 if last_write is None else last_write + interval - loop.time()
+                if batch[-1] is not None and wait > 0:
+                    try:
+                        async with asyncio.timeout(wait):
+                            while batch[-1] is not None:
+                                batch.append(await events.get())
+                    except TimeoutError:
+                        pass
+                    while not events.empty():
+                        batch.append(events.get_nowait())
+                text = render(batch)
+                if batch[-1] is None:
+                    break
                 if text:
+                    last_write = loop.time()
                     yield text
-            await task  # raises what generation raised
-            yield sse("[DONE]")
+            try:
+                await task  # raises what generation raised
+            except Exception:
+                if text:
+                    yield text  # what was generated before the failure, then the error event below
+                raise
+            yield text + sse("[DONE]")  # the last text, the end chunks and the sentinel: one write
         except Exception as exc:
             # Headers (200) are already sent: the error travels as the stream's last event, and the caller is told so
             # that the request is not counted as a success.
