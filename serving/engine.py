@@ -267,6 +267,10 @@ class _Sequence:
     cancelled: bool = False  # set by the consumer (client went away); the engine drops the row
     faulty: bool = False  # test-only: its prompt carries the FaultInjection marker
     stream_text: bool = True  # False (batch generation): no per-token text, the result's text decoded once
+    # Streams consumed on an event loop: what the scheduler emits waits in `outbox` and reaches `loop` with the rest
+    # of its forward pass's output, in one hand-off (see TorchEngine._flush_outbox); `emit` then runs on that loop.
+    loop: asyncio.AbstractEventLoop | None = None
+    outbox: list[tuple[_Sequence, StreamItem | BaseException]] | None = None
 
     @property
     def hold(self) -> int:
@@ -366,6 +370,8 @@ class TorchEngine:
         self._vocab_size = min(len(self._tokenizer), int(self._model.get_input_embeddings().weight.shape[0]))
         self._cv = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
+        # Output of the current forward pass for streams consumed on event loops; only the scheduler thread touches it.
+        self._outbox: list[tuple[_Sequence, StreamItem | BaseException]] = []
         self._scheduler = threading.Thread(target=self._run, name="torch-engine-scheduler", daemon=True)
         self._scheduler.start()
         logger.info(
@@ -564,6 +570,7 @@ class TorchEngine:
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         stream_text: bool = True,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> _Sequence:
         import torch
         from transformers.generation.logits_process import (
@@ -605,6 +612,8 @@ class TorchEngine:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             stream_text=stream_text,
+            loop=loop,
+            outbox=self._outbox if loop is not None else None,
         )
         if self._fault is not None:
             text = prompt if isinstance(prompt, str) else self._detok_decode(ids)
@@ -657,15 +666,10 @@ class TorchEngine:
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
     ) -> AsyncIterator[StreamItem]:
-        loop = asyncio.get_running_loop()
         out: asyncio.Queue[StreamItem | BaseException] = asyncio.Queue()
-
-        def emit(item: StreamItem | BaseException) -> None:
-            loop.call_soon_threadsafe(out.put_nowait, item)
-
         seq = self._submit(
             prompt,
-            emit,
+            out.put_nowait,  # runs on this loop: the scheduler hands items over in batches (_flush_outbox)
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -673,6 +677,7 @@ class TorchEngine:
             stop=stop,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            loop=asyncio.get_running_loop(),
         )
         try:
             while True:
@@ -736,8 +741,6 @@ class TorchEngine:
     # ----------------------------------------------------------------------------------------- scheduler
 
     def _run(self) -> None:
-        import torch
-
         batch: _Batch | None = None
         while True:
             with self._cv:
@@ -747,23 +750,53 @@ class TorchEngine:
                 newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             newcomers = [s for s in newcomers if not s.cancelled]
             try:
-                with torch.inference_mode():
-                    if batch is not None:
-                        batch = self._decode_isolating(batch)
-                    if newcomers:
-                        fresh = self._prefill_isolating(newcomers)
-                        if batch is None:
-                            batch = fresh
-                        elif fresh is not None:
-                            batch = self._merge(batch, fresh)
-            except Exception as exc:
-                # Only what cannot be pinned on a request gets here (reshaping the batch after rows were sampled):
-                # it fails the requests in the batch, never the scheduler.
-                failed = [s for s in (batch.seqs if batch else []) + newcomers if not s.cancelled]
-                logger.exception("batch bookkeeping failed; failing %d request(s)", len(failed))
-                for seq in failed:
-                    _safe_emit(seq, exc)
-                batch = None
+                batch = self._step(batch, newcomers)
+            finally:
+                self._flush_outbox()
+
+    def _step(self, batch: _Batch | None, newcomers: list[_Sequence]) -> _Batch | None:
+        """One scheduler iteration: a decode step for the running batch, then the newcomers' prefill joining it."""
+        import torch
+
+        try:
+            with torch.inference_mode():
+                if batch is not None:
+                    batch = self._decode_isolating(batch)
+                    self._flush_outbox()  # this step's tokens leave before the newcomers' prefill runs
+                if newcomers:
+                    fresh = self._prefill_isolating(newcomers)
+                    if batch is None:
+                        batch = fresh
+                    elif fresh is not None:
+                        batch = self._merge(batch, fresh)
+        except Exception as exc:
+            # Only what cannot be pinned on a request gets here (reshaping the batch after rows were sampled):
+            # it fails the requests in the batch, never the scheduler.
+            failed = [s for s in (batch.seqs if batch else []) + newcomers if not s.cancelled]
+            logger.exception("batch bookkeeping failed; failing %d request(s)", len(failed))
+            for seq in failed:
+                _safe_emit(seq, exc)
+            batch = None
+        return batch
+
+    def _flush_outbox(self) -> None:
+        """Hand what the last forward pass produced for streams to their event loops: one wake-up per loop per step
+        instead of one per token, so a loop serving many streams runs once per step and leaves the scheduler thread
+        the interpreter (GIL) for the rest of it."""
+        if not self._outbox:
+            return
+        items = self._outbox[:]
+        self._outbox.clear()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, StreamItem | BaseException]]] = {}
+        for seq, item in items:
+            assert seq.loop is not None  # only streams consumed on a loop have an outbox
+            by_loop.setdefault(seq.loop, []).append((seq, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the consumer's loop is closed (the client hung up and the replica moved on)
+                for seq, _ in batch:
+                    seq.cancelled = True
 
     def _fail(self, seqs: Sequence[_Sequence], exc: BaseException) -> None:
         for seq in seqs:
@@ -1043,12 +1076,21 @@ class _ForwardFailed(Exception):
 
 
 def _safe_emit(seq: _Sequence, item: StreamItem | BaseException) -> None:
+    if seq.outbox is not None:  # delivered with the rest of this forward pass's output (TorchEngine._flush_outbox)
+        seq.outbox.append((seq, item))
+        return
     # The consumer's event loop may be gone (the client hung up and the replica moved on): drop the row, not the
     # scheduler.
     try:
         seq.emit(item)
     except RuntimeError:
         seq.cancelled = True
+
+
+def _deliver(items: Sequence[tuple[_Sequence, StreamItem | BaseException]]) -> None:
+    """On a stream consumer's event loop: pass each item to its stream, in the order the scheduler produced them."""
+    for seq, item in items:
+        seq.emit(item)
 
 
 def _is_json_safe_or_container(value: Any) -> bool:
