@@ -247,7 +247,9 @@ def run(
         results = []
         for c in concurrency:
             http_runs, local_runs = [], []
+            loads: list[float | None] = []
             for r in range(rounds):
+                loads.append(round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
                 # Alternate which side goes first: drift on a shared machine then hits both alike.
                 order = ("http", "local") if r % 2 == 0 else ("local", "http")
                 for side in order:
@@ -257,14 +259,44 @@ def run(
                         local_runs.append(asyncio.run(_run_inprocess(engine, prompts, c, max_tokens)))
             http = max(http_runs, key=lambda x: x["requests_per_s"])
             local = max(local_runs, key=lambda x: x["requests_per_s"])
+            # Each round's own pair (HTTP and in-process ran back to back): their spread says how much the machine's
+            # drift moved the headline ratio, which compares the best round of each side.
+            per_round = [
+                {
+                    "round": r,
+                    "http_requests_per_s": h["requests_per_s"],
+                    "in_process_requests_per_s": loc["requests_per_s"],
+                    "ratio_requests_per_s": round(h["requests_per_s"] / loc["requests_per_s"], 3),
+                    "http_ttft_p50_s": h["ttft_p50_s"],
+                    "in_process_ttft_p50_s": loc["ttft_p50_s"],
+                    "load_average_1m_at_start": load,
+                }
+                for r, (h, loc, load) in enumerate(zip(http_runs, local_runs, loads, strict=True))
+            ]
+            ratios = [x["ratio_requests_per_s"] for x in per_round]
             row = {
                 "concurrency": c,
                 "http": http,
                 "in_process": local,
                 "ratio_requests_per_s": round(http["requests_per_s"] / local["requests_per_s"], 3),
                 "ratio_tokens_per_s": round(http["tokens_per_s"] / max(local["tokens_per_s"], 1e-9), 3),
+                "rounds": per_round,
+                "round_ratio_min": min(ratios),
+                "round_ratio_median": round(statistics.median(ratios), 3),
+                "round_ratio_max": max(ratios),
             }
-            logger.info("concurrency %d: HTTP/in-process = %.2f", c, row["ratio_requests_per_s"])
+            logger.info(
+                "concurrency %d: HTTP/in-process = %.2f (best of each side); per round %s (spread %.2f-%.2f); "
+                "TTFT p50 %.0f ms HTTP vs %.0f ms in-process; load average %.2f",
+                c,
+                row["ratio_requests_per_s"],
+                " / ".join(f"{x:.2f}" for x in ratios),
+                min(ratios),
+                max(ratios),
+                http["ttft_p50_s"] * 1000,
+                local["ttft_p50_s"] * 1000,
+                os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+            )
             results.append(row)
         serve.delete("bench-serve")
         if started_ray:
