@@ -93,6 +93,10 @@ class FaultInjection(BaseModel):
     )
 
 
+# How often a streamed response sends text after its first chunk (seconds); see ServeAppConfig.stream_interval_s.
+DEFAULT_STREAM_INTERVAL_S = 0.1
+
+
 class ServeAppConfig(BaseModel):
     """Everything `build_app` needs: which models to serve, request limits and how replicas scale."""
 
@@ -149,7 +153,7 @@ class ServeAppConfig(BaseModel):
         description="Most sequences the torch engine decodes together; concurrent requests join the running batch.",
     )
     stream_interval_s: float = Field(
-        0.05,
+        DEFAULT_STREAM_INTERVAL_S,
         ge=0,
         le=5,
         description="Streamed responses: after the first chunk, text is sent at most this often (seconds), several "

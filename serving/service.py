@@ -52,7 +52,7 @@ from serving.api import (
     model_not_found,
     server_error,
 )
-from serving.config import ModelEntry, ServeAppConfig
+from serving.config import DEFAULT_STREAM_INTERVAL_S, ModelEntry, ServeAppConfig
 from serving.engine import (
     ContextWindowError,
     Engine,
@@ -107,10 +107,6 @@ class _LogprobsWriter:
 def sse(payload: str) -> str:
     """One server-sent event carrying `payload` (JSON or the `[DONE]` sentinel)."""
     return f"data: {payload}\n\n"
-
-
-# How often a stream sends text after its first chunk, unless the config says otherwise (ServeAppConfig).
-DEFAULT_STREAM_INTERVAL_S = 0.05
 
 
 def _merge(a: TextDelta, b: TextDelta) -> TextDelta:
