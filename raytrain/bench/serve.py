@@ -203,6 +203,7 @@ def run(
     max_batch_size: int = 16,
     device: str = "cpu",
     rounds: int = 1,
+    proxy_grpc: bool = False,
 ) -> dict[str, Any]:
     """Run the sweep and return every figure (the JSON the CLI writes)."""
     import ray
@@ -220,6 +221,10 @@ def run(
         engine = TorchEngine(path, device=device, max_batch_size=max_batch_size)
 
         started_ray = not ray.is_initialized()
+        if started_ray and proxy_grpc:
+            # Read by Serve's proxy when it starts, in a process of the cluster started below (which inherits this
+            # process's environment); a cluster started elsewhere needs it set on its nodes.
+            os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1"
         if started_ray:
             ray.init(address="local", num_cpus=max(4, threads + 2), include_dashboard=False, logging_level="WARNING")
         from ray._common.network_utils import find_free_port
@@ -316,6 +321,7 @@ def run(
                 "device": device,
                 "rounds": rounds,
                 "temperature": 0,
+                "serve_proxy_transport": "grpc" if proxy_grpc and started_ray else "ray (Serve's default)",
             },
             "results": results,
         }
@@ -335,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=16, help="Engine batch size, both sides.")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, default=1, help="Alternating rounds per level; the best is kept.")
+    parser.add_argument(
+        "--proxy-grpc",
+        action="store_true",
+        help="Start Ray with RAY_SERVE_PROXY_USE_GRPC=1: Serve's proxy streams from the replica over gRPC instead of "
+        "Ray object refs (a cluster setting; off by default, as in a plain deployment).",
+    )
     parser.add_argument("--out", help="Write the JSON here (it is always printed).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -350,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.max_batch_size,
         device=args.device,
         rounds=args.rounds,
+        proxy_grpc=args.proxy_grpc,
     )
     text = json.dumps(report, indent=2)
     if args.out:
