@@ -685,9 +685,11 @@ def curate(spec: JobSpec, out: str | None = None) -> dict[str, Any]:
     acc = merge_outcomes([json.loads(r["stats"]) for r in partials], d.report_samples)
     steps["outcomes"] = time.time() - t
     t = time.time()
+    outputs = (("documents", docs.KEPT, acc["kept"]), ("removed", docs.REMOVED, acc["removed"]),
+               ("quarantine", docs.QUARANTINED, acc["quarantined"]))
     written: dict[str, int] = {}
-    for sub, status in (("documents", docs.KEPT), ("removed", docs.REMOVED), ("quarantine", docs.QUARANTINED)):
-        if acc[{"documents": "kept", "quarantine": "quarantined"}.get(sub, sub)]:
+    for sub, status, n in outputs:
+        if n:
             final.filter(expr=col("status") == status).drop_columns(["status"]).write_parquet(storage.join(out, sub))
             written[sub] = sum(parquet_rows(parquet_files(storage.join(out, sub))).values())  # footers: no data pass
     steps["write"] = time.time() - t
@@ -697,7 +699,7 @@ def curate(spec: JobSpec, out: str | None = None) -> dict[str, Any]:
     # Every row read is exactly one output row, file by file; what was written is what was counted. Also the
     # work per node: which node annotated each row (the pass that touches every byte; reads are separate tasks).
     check_accounting(read_by_source, acc["sources"], acc["kept"], acc["removed"], acc["quarantined"], where=out)
-    for sub, n in (("documents", acc["kept"]), ("removed", acc["removed"]), ("quarantine", acc["quarantined"])):
+    for sub, _, n in outputs:
         if written.get(sub, 0) != n:
             raise AccountingError(f"data stage accounting failed: {written.get(sub, 0)} rows written to {out}/{sub}, "
                                   f"but {n} were counted for it")
