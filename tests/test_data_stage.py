@@ -314,6 +314,25 @@ def test_a_lost_row_fails_the_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert f"{corpus}: read 31, accounted 30" in msg, msg
 
 
+def test_a_corpus_with_nothing_to_keep_stops_with_its_outputs_written(tmp_path: Path) -> None:
+    """An empty file and a file of malformed lines: the stage stops with a clear error that points at what it
+    wrote, and the malformed lines are in quarantine/ with their reason, none lost."""
+    from raytrain.data import pipeline
+    from raytrain.errors import StageInputError
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text("{not json\n" * 3)
+    spec = load_spec("tiny", [f"storage.root={tmp_path / 'root'}", "data.source.kind=files",
+                              f"data.source.paths=[{tmp_path / 'empty.jsonl'},{tmp_path / 'bad.jsonl'}]"])
+    with pytest.raises(StageInputError, match="kept no documents") as err:
+        pipeline.curate(spec)
+    out = Path(str(err.value).split("; see ")[1].split(" and ")[0]).parent
+    quarantined = pq.read_table(out / "quarantine", columns=["source", "line", "reason"]).to_pylist()
+    assert sorted(r["line"] for r in quarantined) == [1, 2, 3], quarantined
+    assert {r["source"] for r in quarantined} == {str(tmp_path / "bad.jsonl")}
+    assert not (out / "documents").exists()
+
+
 def test_check_accounting_is_per_file() -> None:
     from raytrain.data.pipeline import AccountingError, check_accounting
 
