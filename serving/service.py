@@ -14,6 +14,7 @@ fails, its sibling choices are cancelled: the client gets an error for the whole
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -528,10 +529,11 @@ class OpenAIService:
         on_error: Callable[[APIError], None] | None = None,
         on_prompt: Callable[[int, PromptLogprobs], TextDelta] | None = None,
     ) -> AsyncIterator[str]:
-        # Queued: (choice index, text delta) as generation produces them, rendered events (a choice's end, usage),
-        # and None once generation is over. Text is rendered only when sent, so that a choice's deltas that wait for
-        # the same write become one chunk.
-        events: asyncio.Queue[tuple[int, TextDelta] | str | None] = asyncio.Queue()
+        # Queued: (choice index, text delta) as generation produces them, events to render (a choice's end, usage),
+        # and None once generation is over. Everything is rendered only when sent, in queue order: a choice's deltas
+        # that wait for the same write become one chunk, and an end event sees the text chunks rendered before it
+        # (a chat choice names its role once, in whichever chunk of it goes out first).
+        events: asyncio.Queue[tuple[int, TextDelta] | Callable[[], str] | None] = asyncio.Queue()
         for index, prefix in prefixes.items():
             events.put_nowait((index, TextDelta(prefix)))
 
@@ -550,24 +552,24 @@ class OpenAIService:
                     prompt_event if on_prompt is not None else None,
                 )
                 for job, result in zip(jobs, results, strict=True):
-                    events.put_nowait(on_done(job, result))
+                    events.put_nowait(functools.partial(on_done, job, result))
                 if request.include_usage_chunk:
-                    events.put_nowait(on_usage(results))
+                    events.put_nowait(functools.partial(on_usage, results))
                 return results
             finally:
                 events.put_nowait(None)
 
-        def render(batch: list[tuple[int, TextDelta] | str | None]) -> str:
+        def render(batch: list[tuple[int, TextDelta] | Callable[[], str] | None]) -> str:
             # Consecutive deltas of a choice merge into one chunk; rendered events keep their place.
             parts: list[str] = []
             run: dict[int, TextDelta] = {}
             for item in batch:
                 if item is None:
                     continue
-                if isinstance(item, str):
+                if callable(item):
                     parts.extend(sse(on_text(i, d)) for i, d in run.items())
                     run.clear()
-                    parts.append(sse(item))
+                    parts.append(sse(item()))
                     continue
                 index, delta = item
                 before = run.get(index)

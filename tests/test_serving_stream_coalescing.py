@@ -104,6 +104,38 @@ def test_chat_role_once_per_choice_whatever_the_interval(engine: TorchEngine) ->
         assert texts == {c.index: c.message.content for c in full.choices}, interval
 
 
+class _LateSecondChoice:
+    """The real engine, with the second stream it is asked for held back a moment: the first write then carries only
+    the first choice's text, and the second choice's text and end wait for the same later write."""
+
+    def __init__(self, engine: TorchEngine) -> None:
+        self._engine = engine
+        self._calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def stream(self, *args: Any, **kwargs: Any) -> Any:
+        call, self._calls = self._calls, self._calls + 1
+        if call == 1:
+            await asyncio.sleep(0.3)
+        async for item in self._engine.stream(*args, **kwargs):
+            yield item
+
+
+def test_a_choice_that_starts_after_the_first_write_names_its_role_once(engine: TorchEngine) -> None:
+    messages = [{"role": "user", "content": "A dog reads"}]
+    body = {"model": MODEL, "messages": messages, "n": 2, "max_tokens": 16, "temperature": 0}
+    service = OpenAIService({MODEL: _LateSecondChoice(engine)}, max_tokens_limit=64, stream_interval_s=LONG)
+    writes = _writes(service, ChatCompletionRequest(**body, stream=True))
+    assert {c["index"] for e in _events(writes[:1], complete=False) for c in e["choices"]} == {0}
+    roles: dict[int, int] = {}
+    for event in _events(writes):
+        for c in event["choices"]:
+            roles[c["index"]] = roles.get(c["index"], 0) + (c["delta"].get("role") == "assistant")
+    assert roles == {0: 1, 1: 1}
+
+
 def test_interval_zero_streams_as_tokens_come(engine: TorchEngine) -> None:
     body = {"model": MODEL, "prompt": "The cat", "max_tokens": 24, "temperature": 0}
     full = asyncio.run(OpenAIService({MODEL: engine}, max_tokens_limit=64).complete(CompletionRequest(**body)))
