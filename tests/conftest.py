@@ -53,6 +53,9 @@ def ray_local() -> Iterator[None]:
     started = not ray.is_initialized()
     if started:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from raytrain.cluster import use_serve_ingress
+
+        use_serve_ingress("haproxy")  # Serve's ingress as on raytrain's embedded instance
         ray.init(num_cpus=4, logging_level="WARNING", include_dashboard=False)
     yield
     if started:

@@ -109,6 +109,11 @@ def serve_session(num_cpus: int = 4) -> Iterator[int]:
         # Custom metrics reach the node's export port every report interval (10 s by default); 1 s keeps the
         # Prometheus test short. Ray reads RAY_<config> variables when the local instance starts.
         os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+        # Serve's ingress as raytrain's embedded instance has it by default (HAProxy), so these tests run the
+        # path a pipeline's serve stage takes.
+        from raytrain.cluster import use_serve_ingress
+
+        use_serve_ingress("haproxy")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     client = _get_global_client(raise_if_no_controller_running=False)
     started_serve = client is None

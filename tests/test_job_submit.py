@@ -102,6 +102,7 @@ ray job submit --working-dir . -- python -m jobs.data --config jobs/configs/demo
 echo $? > {out}/relative.rc
 ray job list > {out}/jobs.txt 2>&1
 python -c '{CHECK_ENDPOINT}' > {out}/endpoint.json 2> {out}/endpoint.err
+ss -ltnp 'sport = :8000' > {out}/listener.txt 2>&1
 ray stop > /dev/null 2>&1
 exit 0
 """
@@ -149,6 +150,13 @@ def test_readme_block_succeeds_and_prints_a_completion(laptop: dict) -> None:
     assert proc.returncode == 0, out[-6000:]
     assert "completion from http://127.0.0.1:8000/v1/completions" in out, out[-6000:]
     assert "succeeded" in out.lower(), out[-3000:]
+
+
+def test_the_endpoint_port_is_haproxy_as_the_block_asks(laptop: dict) -> None:
+    """The block exports RAY_SERVE_ENABLE_HA_PROXY=1 before `ray start`: port 8000 is HAProxy's, not Serve's
+    Python proxy's (the completion above came through it)."""
+    text = _read(laptop, "listener.txt")
+    assert '"haproxy"' in text and "ProxyActor" not in text, text
 
 
 def test_submit_without_token_is_refused_for_authentication(laptop: dict) -> None:

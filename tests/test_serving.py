@@ -671,6 +671,22 @@ def test_health(http: httpx.Client) -> None:
     assert r.json() == {"status": "ok", "models": [MODEL]}
 
 
+def test_the_http_port_is_served_by_haproxy_straight_to_the_replica(http: httpx.Client, serve_port: int) -> None:
+    """raytrain's default Serve ingress (`cluster.serve_ingress: haproxy`): the process listening on the HTTP port
+    is HAProxy, not Serve's Python proxy, and the replica itself listens on a direct-ingress port of its own."""
+    import psutil
+
+    listeners = {c.laddr.port: c.pid for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    assert serve_port in listeners, f"nothing listens on {serve_port}"
+    assert psutil.Process(listeners[serve_port]).name() == "haproxy"
+    replica_ports = [p for p, pid in listeners.items() if 30000 <= p < 31000 and pid and f"ServeReplica:{APP_NAME}:" in
+                     " ".join(psutil.Process(pid).cmdline())]
+    assert replica_ports, "no replica listens on a direct-ingress port"
+    direct = httpx.get(f"http://127.0.0.1:{replica_ports[0]}/health", headers=http.headers, timeout=30)
+    assert direct.status_code == 200 and direct.json()["models"] == [MODEL]
+    assert http.get("/health").status_code == 200
+
+
 def test_models_list_with_openai_client(client: Any) -> None:
     from openai.types import Model
 

@@ -149,6 +149,12 @@ async def _run_http(url: str, model: str, prompts: list[str], concurrency: int, 
     return _summary(latencies, ttfts, tokens, wall)
 
 
+def _ingress_in_env() -> str:
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        return "haproxy"
+    return "proxy-grpc" if os.environ.get("RAY_SERVE_PROXY_USE_GRPC") == "1" else "proxy"
+
+
 def _free_port() -> int:
     import socket
 
@@ -203,7 +209,7 @@ def run(
     max_batch_size: int = 16,
     device: str = "cpu",
     rounds: int = 1,
-    proxy_grpc: bool = False,
+    ingress: str = "haproxy",
 ) -> dict[str, Any]:
     """Run the sweep and return every figure (the JSON the CLI writes)."""
     import ray
@@ -221,11 +227,14 @@ def run(
         engine = TorchEngine(path, device=device, max_batch_size=max_batch_size)
 
         started_ray = not ray.is_initialized()
-        if started_ray and proxy_grpc:
-            # Read by Serve's proxy when it starts, in a process of the cluster started below (which inherits this
-            # process's environment); a cluster started elsewhere needs it set on its nodes.
-            os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1"
         if started_ray:
+            # Cluster settings, read by Serve's processes when they start (in the cluster started below, which
+            # inherits this process's environment); a cluster started elsewhere keeps its nodes' settings.
+            from raytrain.cluster import use_serve_ingress
+
+            use_serve_ingress("proxy" if ingress == "proxy-grpc" else ingress)
+            if ingress == "proxy-grpc":
+                os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1"
             ray.init(address="local", num_cpus=max(4, threads + 2), include_dashboard=False, logging_level="WARNING")
         from ray._common.network_utils import find_free_port
 
@@ -321,7 +330,8 @@ def run(
                 "device": device,
                 "rounds": rounds,
                 "temperature": 0,
-                "serve_proxy_transport": "grpc" if proxy_grpc and started_ray else "ray (Serve's default)",
+                # What the started instance's processes read (an exported RAY_SERVE_ENABLE_HA_PROXY wins).
+                "serve_ingress": _ingress_in_env() if started_ray else "the connected cluster's setting",
             },
             "results": results,
         }
@@ -342,10 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, default=1, help="Alternating rounds per level; the best is kept.")
     parser.add_argument(
-        "--proxy-grpc",
-        action="store_true",
-        help="Start Ray with RAY_SERVE_PROXY_USE_GRPC=1: Serve's proxy streams from the replica over gRPC instead of "
-        "Ray object refs (a cluster setting; off by default, as in a plain deployment).",
+        "--ingress",
+        default="haproxy",
+        choices=["haproxy", "proxy", "proxy-grpc"],
+        help="Serve's HTTP ingress on the Ray instance the benchmark starts: haproxy (raytrain's default, "
+        "cluster.serve_ingress), proxy (Serve's Python proxy actor) or proxy-grpc (that proxy streaming from the "
+        "replica over gRPC, RAY_SERVE_PROXY_USE_GRPC=1).",
     )
     parser.add_argument("--out", help="Write the JSON here (it is always printed).")
     args = parser.parse_args(argv)
@@ -362,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.max_batch_size,
         device=args.device,
         rounds=args.rounds,
-        proxy_grpc=args.proxy_grpc,
+        ingress=args.ingress,
     )
     text = json.dumps(report, indent=2)
     if args.out:

@@ -58,6 +58,13 @@ class ClusterSpec(Section):
         description="Logical CPUs of an embedded local instance. Unset: max(4, os.cpu_count()), "
         "so 2 train workers and Ray Data's read tasks can run side by side on a 2-core laptop.",
     )
+    serve_ingress: Literal["haproxy", "proxy"] = Field(
+        "haproxy",
+        description="Ray Serve's HTTP ingress on an embedded local instance: 'haproxy' (Ray Serve's HAProxy "
+        "ingress, routing straight to each replica's own port) or 'proxy' (Serve's Python proxy actor). A "
+        "cluster started elsewhere keeps its nodes' setting (RAY_SERVE_ENABLE_HA_PROXY before `ray start`; "
+        "the Helm chart's serving.haproxy).",
+    )
 
 
 class DemoCorpusSpec(Section):

@@ -113,6 +113,10 @@ the autoscaler sidecar; the first container must be the Ray container.
 {{- if $apiKeys }}
 {{- $env = append $env (dict "name" "RAYTRAIN_API_KEYS_FILE" "value" (include "raytrain.apiKeysFile" $root)) }}
 {{- end -}}
+{{- if $serving }}
+{{- /* Serve's ingress is read by every Ray process of the serving cluster when it starts (Ray 2.55+). */ -}}
+{{- $env = append $env (dict "name" "RAY_SERVE_ENABLE_HA_PROXY" "value" (ternary "1" "0" $v.serving.haproxy)) }}
+{{- end -}}
 metadata:
   labels:
     {{- include "raytrain.podLabels" (dict "root" $root "component" .component) | nindent 4 }}
