@@ -14,7 +14,7 @@ import queue
 import shutil
 import tempfile
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,10 @@ IM_END = "<|im_end|>"
 
 # Log-probabilities below this are reported as this value: JSON cannot carry -inf (OpenAI and vLLM clip the same way).
 MIN_LOGPROB = -9999.0
+
+
+# Prompts whose token ids the engine keeps (see TorchEngine._encode).
+_RECENT_PROMPTS = 64
 
 
 @dataclass(frozen=True)
@@ -362,6 +366,9 @@ class TorchEngine:
         self._pad_id = int(pad) if pad is not None else min(self._eos_ids, default=0)
         # Fast tokenizers may mutate their padding/truncation state per call: one caller at a time.
         self._tok_lock = threading.Lock()
+        # The last prompts' token ids: the server counts a prompt's tokens to check its limits, then submits the same
+        # text; both read this instead of running the tokenizer twice per request.
+        self._recent_ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._detok_decode = self._make_detok_decode()
         self._token_text_decode = self._make_detok_decode(skip_special_tokens=False)
         self._token_texts: dict[int, str] = {}  # id -> its text alone, filled as log-probabilities need them
@@ -431,7 +438,13 @@ class TorchEngine:
 
     def _encode(self, text: str) -> list[int]:
         with self._tok_lock:
-            return list(self._tokenizer(text)["input_ids"])
+            ids = self._recent_ids.get(text)
+            if ids is None:
+                ids = tuple(self._tokenizer(text)["input_ids"])
+                self._recent_ids[text] = ids
+                if len(self._recent_ids) > _RECENT_PROMPTS:
+                    self._recent_ids.popitem(last=False)
+            return list(ids)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         with self._tok_lock:

@@ -293,6 +293,26 @@ def test_stop_sequence_truncates_and_reports_stop(engine: TorchEngine) -> None:
     assert cut.completion_tokens < full.completion_tokens
 
 
+def test_a_prompt_counted_then_generated_is_tokenized_once(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server counts a prompt's tokens to check its limits, then generates from the same text: one tokenizer run."""
+    calls: list[str] = []
+    tokenizer = engine._tokenizer
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(tokenizer, name)
+
+        def __call__(self, text: str, **kwargs: Any) -> Any:
+            calls.append(text)
+            return tokenizer(text, **kwargs)
+
+    monkeypatch.setattr(engine, "_tokenizer", Counting())
+    prompt = f"A prompt seen once {time.time()}"
+    n = engine.count_tokens(prompt)
+    result = engine.generate(prompt, max_tokens=3, temperature=0)
+    assert calls == [prompt] and result.prompt_tokens == n
+
+
 def test_find_stop_picks_earliest() -> None:
     assert find_stop("abc STOP def END", ["END", "STOP"]) == 4
     assert find_stop("abc", ["x", ""]) is None

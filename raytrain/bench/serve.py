@@ -102,7 +102,62 @@ async def _run_inprocess(engine: Any, prompts: list[str], concurrency: int, max_
     return _summary(latencies, ttfts, tokens, time.perf_counter() - start)
 
 
-async def _run_http(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, float]:
+async def _run_http(
+    url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, client: str = "aiohttp"
+) -> dict[str, float]:
+    """Stream completions over HTTP with `concurrency` in flight, parsing every server-sent event as an OpenAI
+    client does. `client`: aiohttp (the default; what vLLM's serving benchmark uses, light on the CPU the server
+    shares here) or httpx (what the `openai` package is built on)."""
+    if client == "httpx":
+        return await _run_httpx(url, model, prompts, concurrency, max_tokens)
+    import aiohttp
+
+    sem = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    tokens = 0
+    errors = 0
+
+    async def one(session: aiohttp.ClientSession, prompt: str) -> None:
+        nonlocal tokens, errors
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        async with sem:
+            start = time.perf_counter()
+            first = None
+            async with session.post(f"{url}/v1/completions", json=body) as r:
+                if r.status != 200:
+                    errors += 1
+                    return
+                async for raw in r.content:  # one line at a time
+                    line = raw.strip()
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    if first is None:
+                        first = time.perf_counter() - start
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
+            latencies.append(time.perf_counter() - start)
+            ttfts.append(first or 0.0)
+
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(session, p) for p in prompts))
+        wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{errors} HTTP requests failed during the benchmark")
+    return _summary(latencies, ttfts, tokens, wall)
+
+
+async def _run_httpx(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, float]:
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
@@ -210,6 +265,7 @@ def run(
     device: str = "cpu",
     rounds: int = 1,
     ingress: str = "haproxy",
+    client: str = "aiohttp",
 ) -> dict[str, Any]:
     """Run the sweep and return every figure (the JSON the CLI writes)."""
     import ray
@@ -256,7 +312,7 @@ def run(
         url = f"http://127.0.0.1:{port}"
         # Warm both sides (first forward passes allocate; the first HTTP request opens connections).
         asyncio.run(_run_inprocess(engine, prompts[:2], 2, 4))
-        asyncio.run(_run_http(url, "bench", prompts[:2], 2, 4))
+        asyncio.run(_run_http(url, "bench", prompts[:2], 2, 4, client))
 
         results = []
         for c in concurrency:
@@ -268,7 +324,7 @@ def run(
                 order = ("http", "local") if r % 2 == 0 else ("local", "http")
                 for side in order:
                     if side == "http":
-                        http_runs.append(asyncio.run(_run_http(url, "bench", prompts, c, max_tokens)))
+                        http_runs.append(asyncio.run(_run_http(url, "bench", prompts, c, max_tokens, client)))
                     else:
                         local_runs.append(asyncio.run(_run_inprocess(engine, prompts, c, max_tokens)))
             http = max(http_runs, key=lambda x: x["requests_per_s"])
@@ -330,6 +386,7 @@ def run(
                 "device": device,
                 "rounds": rounds,
                 "temperature": 0,
+                "http_client": client,
                 # What the started instance's processes read (an exported RAY_SERVE_ENABLE_HA_PROXY wins).
                 "serve_ingress": _ingress_in_env() if started_ray else "the connected cluster's setting",
             },
@@ -359,6 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         "cluster.serve_ingress), proxy (Serve's Python proxy actor) or proxy-grpc (that proxy streaming from the "
         "replica over gRPC, RAY_SERVE_PROXY_USE_GRPC=1).",
     )
+    parser.add_argument(
+        "--client",
+        default="aiohttp",
+        choices=["aiohttp", "httpx"],
+        help="The load generator's HTTP client (it shares the machine's CPUs with the server): aiohttp, as vLLM's "
+        "serving benchmark uses, or httpx, which the openai package is built on.",
+    )
     parser.add_argument("--out", help="Write the JSON here (it is always printed).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -375,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         rounds=args.rounds,
         ingress=args.ingress,
+        client=args.client,
     )
     text = json.dumps(report, indent=2)
     if args.out:
