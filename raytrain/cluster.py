@@ -34,6 +34,14 @@ WORKER_ENV = {
 _INGRESS_SET_HERE = "RAYTRAIN_SERVE_INGRESS"
 
 
+# Serve settings of every Ray instance raytrain starts (and of the chart's serving pods): the app's code runs on
+# the replica's main event loop, where Serve's HTTP server delivers the requests, instead of a second loop in
+# another thread that every request and every streamed chunk would cross. The app is async throughout and the
+# engine computes in a thread of its own, so nothing blocks that loop; 0.77 -> 0.85 of the in-process engine's
+# throughput at 16 concurrent streams on 2 CPUs (README, performance).
+SERVE_APP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
 def serve_ingress_env(ingress: str) -> dict[str, str]:
     """Environment for a Ray instance this process starts, giving Serve the ingress `ingress`.
 
@@ -44,9 +52,11 @@ def serve_ingress_env(ingress: str) -> dict[str, str]:
     external load balancer to deregister the replica's port, and a local instance has none, only Serve's own
     HAProxy, which Serve reconfigures itself and which retries a refused connection on another replica.
     `proxy`: Serve's Python proxy actor.
+
+    Both run the app's code on the replica's own event loop (`SERVE_APP_ENV`).
     """
     if ingress == "proxy":
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", **SERVE_APP_ENV}
     if ingress != "haproxy":
         raise ValueError(f"serve ingress must be 'haproxy' or 'proxy', not {ingress!r}")
     return {
@@ -54,17 +64,21 @@ def serve_ingress_env(ingress: str) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        **SERVE_APP_ENV,
     }
 
 
 def use_serve_ingress(ingress: str) -> None:
     """Set `serve_ingress_env(ingress)` in this process before it starts a local Ray instance (whose processes
     inherit it). `RAY_SERVE_ENABLE_HA_PROXY` exported by the caller wins over `ingress`."""
-    if "RAY_SERVE_ENABLE_HA_PROXY" in os.environ and _INGRESS_SET_HERE not in os.environ:
+    mine = _INGRESS_SET_HERE in os.environ
+    if "RAY_SERVE_ENABLE_HA_PROXY" in os.environ and not mine:
         log.info("RAY_SERVE_ENABLE_HA_PROXY=%s is exported: it decides Serve's ingress, not cluster.serve_ingress",
                  os.environ["RAY_SERVE_ENABLE_HA_PROXY"])
         return
-    os.environ.update(serve_ingress_env(ingress))
+    for key, value in serve_ingress_env(ingress).items():
+        if mine or key not in os.environ:  # a setting the caller exported stays theirs
+            os.environ[key] = value
     os.environ[_INGRESS_SET_HERE] = ingress
 
 

@@ -45,6 +45,7 @@ def _write(tmp_path: Path, tree: dict) -> Path:
         ({"train": {"micro_batch_size": -4}}, ["train.micro_batch_size", "-4", "greater than or equal to 1"]),
         ({"train": {"zero_stage": 5}}, ["train.zero_stage", "0, 1, 2 or 3", "5"]),
         ({"model": {"preset": "70b"}}, ["model.preset", "'tiny'", "'70b'"]),
+        ({"cluster": {"serve_ingress": "nginx"}}, ["cluster.serve_ingress", "'haproxy'", "'proxy'", "'nginx'"]),
         ({"trian": {}}, ["trian", "unknown key", "train"]),
         ({"data": {"source": {"kind": "files"}}}, ["data.source", "paths"]),
         ({"train": {"precision": "fp16"}}, ["train", "fp16", "use_gpu"]),

@@ -28,6 +28,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHART = REPO_ROOT / "helm" / "raytrain"
 RELEASE = "rt"
 NAMESPACE = "ml"
+# What the serving pods (and only they) carry besides the release's env: Serve's HAProxy ingress (serving.haproxy)
+# and the app on the replica's main event loop (raytrain.cluster.SERVE_APP_ENV).
+SERVE_ENV = [
+    {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
+    {"name": "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "value": "0"},
+]
 CLUSTER = "rt-raytrain"
 SERVICE = "rt-raytrain-llm"
 
@@ -407,7 +413,7 @@ def test_persistence_and_env(helm, tmp):
             assert shared in pod["volumes"], where
             ray = pod["containers"][0]
             assert mount in ray["volumeMounts"], where
-            assert ray["env"] == GPU_GROUPS["env"], where
+            assert ray["env"] == GPU_GROUPS["env"] + (SERVE_ENV if serving else []), where
 
     existing = render(helm, tmp, {"persistence": {"enabled": True, "existingClaim": "team-nfs"}})
     assert "PersistentVolumeClaim" not in [o["kind"] for o in existing]
@@ -432,6 +438,13 @@ def test_one_shared_pod_template(helm, tmp):
         for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
             labels = group["template"]["metadata"]["labels"]
             labels.pop("app.kubernetes.io/component")
+            # The one difference: the serving pods' Serve settings.
+            container = group["template"]["spec"]["containers"][0]
+            if spec is service:
+                assert container["env"][-len(SERVE_ENV):] == SERVE_ENV
+                del container["env"][-len(SERVE_ENV):]
+                if not container["env"]:
+                    del container["env"]
     assert cluster == service
 
 
@@ -902,6 +915,7 @@ def test_object_store_settings(helm, tmp):
             # The serving pods never get the training keys (test_serving_pods_cannot_write_where_training_reads).
             *([] if where.startswith("RayService") else keys),
             {"name": "HF_HOME", "value": "/tmp/hf"},
+            *(SERVE_ENV if where.startswith("RayService") else []),
         ], where
     job = by_kind(objects, "RayJob")
     assert "storage.root=s3://ml/raytrain" in shlex.split(job["spec"]["entrypoint"])
@@ -1087,3 +1101,17 @@ def test_notes_tell_how_to_reach_the_ingress_jobs_and_dashboards(helm, tmp):
     plain = render_notes(helm, tmp)
     assert "Through the Ingress" not in plain and "get rayjobs -l" not in plain
     assert "API-key auth is OFF: anyone who reaches port 8000 can call the models." in plain
+
+
+def test_serving_haproxy_off_keeps_serves_python_proxy(helm, tmp):
+    """`serving.haproxy: false`: the serving pods say so explicitly (an image whose environment turns HAProxy on
+    is overridden); the training pods never carry Serve settings."""
+    objects = render(helm, tmp, {"serving": {"haproxy": False}})
+    for where, template in _ray_pods(objects):
+        if where.endswith("submitterPodTemplate"):
+            continue
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
+        if where.startswith("RayService"):
+            assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0", where
+        else:
+            assert "RAY_SERVE_ENABLE_HA_PROXY" not in env, where

@@ -266,6 +266,7 @@ def run(
     rounds: int = 1,
     ingress: str = "haproxy",
     client: str = "aiohttp",
+    stream_interval_s: float | None = None,
 ) -> dict[str, Any]:
     """Run the sweep and return every figure (the JSON the CLI writes)."""
     import ray
@@ -306,6 +307,7 @@ def run(
                 "max_batch_size": max_batch_size,
                 "max_ongoing_requests": max(concurrency) * 2,
                 "target_ongoing_requests": max(concurrency),
+                **({} if stream_interval_s is None else {"stream_interval_s": stream_interval_s}),
             }
         )
         serve.run(app, name="bench-serve", route_prefix="/")
@@ -387,6 +389,7 @@ def run(
                 "rounds": rounds,
                 "temperature": 0,
                 "http_client": client,
+                "stream_interval_s": stream_interval_s if stream_interval_s is not None else "the app's default",
                 # What the started instance's processes read (an exported RAY_SERVE_ENABLE_HA_PROXY wins).
                 "serve_ingress": _ingress_in_env() if started_ray else "the connected cluster's setting",
             },
@@ -423,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         help="The load generator's HTTP client (it shares the machine's CPUs with the server): aiohttp, as vLLM's "
         "serving benchmark uses, or httpx, which the openai package is built on.",
     )
+    parser.add_argument(
+        "--stream-interval",
+        type=float,
+        help="The app's stream_interval_s (seconds between a stream's writes after its first). Unset: its default.",
+    )
     parser.add_argument("--out", help="Write the JSON here (it is always printed).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -440,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         ingress=args.ingress,
         client=args.client,
+        stream_interval_s=args.stream_interval,
     )
     text = json.dumps(report, indent=2)
     if args.out:

@@ -116,6 +116,8 @@ the autoscaler sidecar; the first container must be the Ray container.
 {{- if $serving }}
 {{- /* Serve's ingress is read by every Ray process of the serving cluster when it starts (Ray 2.55+). */ -}}
 {{- $env = append $env (dict "name" "RAY_SERVE_ENABLE_HA_PROXY" "value" (ternary "1" "0" $v.serving.haproxy)) }}
+{{- /* The app's code on the replica's main event loop (raytrain.cluster.SERVE_APP_ENV). */ -}}
+{{- $env = append $env (dict "name" "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" "value" "0") }}
 {{- end -}}
 metadata:
   labels:
