@@ -293,7 +293,9 @@ def test_stop_sequence_truncates_and_reports_stop(engine: TorchEngine) -> None:
     assert cut.completion_tokens < full.completion_tokens
 
 
-def test_a_prompt_counted_then_generated_is_tokenized_once(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_prompt_counted_then_generated_is_tokenized_once(
+    engine: TorchEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The server counts a prompt's tokens to check its limits, then generates from the same text: one tokenizer run."""
     calls: list[str] = []
     tokenizer = engine._tokenizer
