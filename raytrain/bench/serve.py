@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,23 +104,57 @@ async def _run_inprocess(engine: Any, prompts: list[str], concurrency: int, max_
     return _summary(latencies, ttfts, tokens, time.perf_counter() - start)
 
 
+class _HTTPFailure(Exception):
+    """A benchmark request answered with a status other than 200."""
+
+
+@contextlib.asynccontextmanager
+async def _sse_post(client: str, url: str, concurrency: int) -> AsyncIterator[Callable[[dict], AsyncIterator[str]]]:
+    """A function that POSTs a JSON body to `url` and yields the response's lines, over one pooled client session.
+    `client`: aiohttp or httpx."""
+    if client == "httpx":
+        import httpx
+
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as session:
+
+            async def httpx_lines(body: dict) -> AsyncIterator[str]:
+                async with session.stream("POST", url, json=body) as r:
+                    if r.status_code != 200:
+                        raise _HTTPFailure
+                    async for line in r.aiter_lines():
+                        yield line
+
+            yield httpx_lines
+        return
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def aiohttp_lines(body: dict) -> AsyncIterator[str]:
+            async with session.post(url, json=body) as r:
+                if r.status != 200:
+                    raise _HTTPFailure
+                async for raw in r.content:  # one line at a time
+                    yield raw.decode().rstrip("\r\n")
+
+        yield aiohttp_lines
+
+
 async def _run_http(
     url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, client: str = "aiohttp"
 ) -> dict[str, float]:
     """Stream completions over HTTP with `concurrency` in flight, parsing every server-sent event as an OpenAI
     client does. `client`: aiohttp (the default; what vLLM's serving benchmark uses, light on the CPU the server
     shares here) or httpx (what the `openai` package is built on)."""
-    if client == "httpx":
-        return await _run_httpx(url, model, prompts, concurrency, max_tokens)
-    import aiohttp
-
     sem = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     ttfts: list[float] = []
     tokens = 0
     errors = 0
 
-    async def one(session: aiohttp.ClientSession, prompt: str) -> None:
+    async def one(post: Callable[[dict], AsyncIterator[str]], prompt: str) -> None:
         nonlocal tokens, errors
         body = {
             "model": model,
@@ -131,59 +167,8 @@ async def _run_http(
         async with sem:
             start = time.perf_counter()
             first = None
-            async with session.post(f"{url}/v1/completions", json=body) as r:
-                if r.status != 200:
-                    errors += 1
-                    return
-                async for raw in r.content:  # one line at a time
-                    line = raw.strip()
-                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                        continue
-                    if first is None:
-                        first = time.perf_counter() - start
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        tokens += chunk["usage"]["completion_tokens"]
-            latencies.append(time.perf_counter() - start)
-            ttfts.append(first or 0.0)
-
-    connector = aiohttp.TCPConnector(limit=concurrency + 4)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
-        start = time.perf_counter()
-        await asyncio.gather(*(one(session, p) for p in prompts))
-        wall = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{errors} HTTP requests failed during the benchmark")
-    return _summary(latencies, ttfts, tokens, wall)
-
-
-async def _run_httpx(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, float]:
-    import httpx
-
-    sem = asyncio.Semaphore(concurrency)
-    latencies: list[float] = []
-    ttfts: list[float] = []
-    tokens = 0
-    errors = 0
-
-    async def one(client: httpx.AsyncClient, prompt: str) -> None:
-        nonlocal tokens, errors
-        body = {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        async with sem:
-            start = time.perf_counter()
-            first = None
-            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                if r.status_code != 200:
-                    errors += 1
-                    return
-                async for line in r.aiter_lines():
+            try:
+                async for line in post(body):
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     if first is None:
@@ -191,13 +176,15 @@ async def _run_httpx(url: str, model: str, prompts: list[str], concurrency: int,
                     chunk = json.loads(line[6:])
                     if chunk.get("usage"):
                         tokens += chunk["usage"]["completion_tokens"]
+            except _HTTPFailure:
+                errors += 1
+                return
             latencies.append(time.perf_counter() - start)
             ttfts.append(first or 0.0)
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with _sse_post(client, f"{url}/v1/completions", concurrency) as post:
         start = time.perf_counter()
-        await asyncio.gather(*(one(client, p) for p in prompts))
+        await asyncio.gather(*(one(post, p) for p in prompts))
         wall = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"{errors} HTTP requests failed during the benchmark")
