@@ -29,16 +29,17 @@ WORKER_ENV = {
 }
 
 
-# Marks the RAY_SERVE_* settings above as this module's (not the caller's own exports), so that a later local
-# instance of the same process may choose again.
+# Marks the RAY_SERVE_* settings in os.environ as set by use_serve_ingress (not the caller's own exports), so that
+# a later local instance of the same process may choose again.
 _INGRESS_SET_HERE = "RAYTRAIN_SERVE_INGRESS"
 
 
 # Serve settings of every Ray instance raytrain starts (and of the chart's serving pods): the app's code runs on
 # the replica's main event loop, where Serve's HTTP server delivers the requests, instead of a second loop in
 # another thread that every request and every streamed chunk would cross. The app is async throughout and the
-# engine computes in a thread of its own, so nothing blocks that loop; 0.77 -> 0.85 of the in-process engine's
-# throughput at 16 concurrent streams on 2 CPUs (README, performance).
+# engine computes in a thread of its own, so nothing blocks that loop. At 16 concurrent streams on 2 CPUs it took one
+# 3-round run from 0.77 to 0.85 of the in-process engine's throughput; later runs of the same code gave medians of
+# 0.77-0.78 (README, performance).
 SERVE_APP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
