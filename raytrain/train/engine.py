@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from raytrain.train.dsops import use_environment_ninja
+
 
 def deepspeed_config(t: dict[str, Any]) -> dict[str, Any]:
     """DeepSpeed config from the `train` section of a spec (a dict, so workers need no pydantic)."""
@@ -70,6 +72,9 @@ def build_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
 def build_engine(model: Any, t: dict[str, Any]) -> tuple[Any, Any]:
     """(DeepSpeed engine, LR scheduler) for `model` under the spec's train section."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if t["use_gpu"] else "cpu")
+    # DeepSpeed's CPU backend loads a JIT-compiled op: with the environment's own ninja it finds the install's
+    # build instead of compiling it again (raytrain.train.dsops).
+    use_environment_ninja()
     import deepspeed
     import torch
 
