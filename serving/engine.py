@@ -366,6 +366,8 @@ class TorchEngine:
         self._pad_id = int(pad) if pad is not None else min(self._eos_ids, default=0)
         # Fast tokenizers may mutate their padding/truncation state per call: one caller at a time.
         self._tok_lock = threading.Lock()
+        # The Rust tokenizer under a fast tokenizer (None for a Python one): what `_ids` encodes with directly.
+        self._backend: Any = getattr(self._tokenizer, "backend_tokenizer", None) if self._tokenizer.is_fast else None
         # The last prompts' token ids: the server counts a prompt's tokens to check its limits, then submits the same
         # text; both read this instead of running the tokenizer twice per request.
         self._recent_ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
@@ -440,15 +442,34 @@ class TorchEngine:
         with self._tok_lock:
             ids = self._recent_ids.get(text)
             if ids is None:
-                ids = tuple(self._tokenizer(text)["input_ids"])
+                ids = tuple(self._ids(text, add_special_tokens=True))
                 self._recent_ids[text] = ids
                 if len(self._recent_ids) > _RECENT_PROMPTS:
                     self._recent_ids.popitem(last=False)
             return list(ids)
 
+    def _ids(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text` (the caller holds `_tok_lock`).
+
+        A fast tokenizer's `__call__` sets the Rust tokenizer's truncation, padding and special-token splitting for
+        the call, encodes, then builds a `BatchEncoding`: at 16 concurrent streams that wrapper was a fifth of the
+        replica event loop's own work, holding the interpreter lock the engine's scheduler thread needs. When the Rust
+        tokenizer is already in the state a plain call would set (no truncation, no padding, the wrapper's
+        special-token splitting), it encodes the text itself, to the same ids; otherwise the wrapper runs.
+        """
+        backend = self._backend
+        if (
+            backend is not None
+            and backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(self._tokenizer, "split_special_tokens", False))
+        ):
+            return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         with self._tok_lock:
-            return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+            return self._ids(text, add_special_tokens)
 
     def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
         ids = [int(t) for t in token_ids]

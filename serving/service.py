@@ -534,6 +534,7 @@ class OpenAIService:
         # that wait for the same write become one chunk, and an end event sees the text chunks rendered before it
         # (a chat choice names its role once, in whichever chunk of it goes out first).
         events: asyncio.Queue[tuple[int, TextDelta] | Callable[[], str] | None] = asyncio.Queue()
+        generated = asyncio.Event()  # set once generation is over (its None is queued by then)
         for index, prefix in prefixes.items():
             events.put_nowait((index, TextDelta(prefix)))
 
@@ -558,6 +559,7 @@ class OpenAIService:
                 return results
             finally:
                 events.put_nowait(None)
+                generated.set()
 
         def render(batch: list[tuple[int, TextDelta] | Callable[[], str] | None]) -> str:
             # Consecutive deltas of a choice merge into one chunk; rendered events keep their place.
@@ -586,18 +588,19 @@ class OpenAIService:
                 # Everything already queued goes out as one write. After the first write, text waits until
                 # `interval` has passed since the previous one (the end of the stream never waits): each write is a
                 # trip through the replica, the proxy, the socket and the client's parser, so this bounds that cost
-                # per second of generation instead of paying it per token.
+                # per second of generation instead of paying it per token. While it waits, this task sleeps until
+                # the deadline or the end of generation: tokens queue up without waking it once per forward pass.
                 batch = [await events.get()]
                 while not events.empty():
                     batch.append(events.get_nowait())
                 wait = 0.0 if last_write is None else last_write + interval - loop.time()
                 if batch[-1] is not None and wait > 0:
-                    try:
-                        async with asyncio.timeout(wait):
-                            while batch[-1] is not None:
-                                batch.append(await events.get())
-                    except TimeoutError:
-                        pass
+                    if not generated.is_set():
+                        try:
+                            async with asyncio.timeout(wait):
+                                await generated.wait()
+                        except TimeoutError:
+                            pass
                     while not events.empty():
                         batch.append(events.get_nowait())
                 text = render(batch)

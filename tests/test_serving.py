@@ -31,6 +31,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from raytrain.config import ConfigError, JobSpec, load_spec
+from raytrain.data.tokenizer import IM_END, IM_START
 from raytrain.errors import StageInputError
 from serving.api import APIError, ChatCompletionRequest, CompletionRequest, from_validation_errors
 from serving.config import FaultInjection, ServeAppConfig, ServeConfigError
@@ -298,21 +299,34 @@ def test_a_prompt_counted_then_generated_is_tokenized_once(
 ) -> None:
     """The server counts a prompt's tokens to check its limits, then generates from the same text: one tokenizer run."""
     calls: list[str] = []
-    tokenizer = engine._tokenizer
+    encode = engine._ids
 
-    class Counting:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(tokenizer, name)
+    def counting(text: str, add_special_tokens: bool) -> list[int]:
+        calls.append(text)
+        return encode(text, add_special_tokens)
 
-        def __call__(self, text: str, **kwargs: Any) -> Any:
-            calls.append(text)
-            return tokenizer(text, **kwargs)
-
-    monkeypatch.setattr(engine, "_tokenizer", Counting())
+    monkeypatch.setattr(engine, "_ids", counting)
     prompt = f"A prompt seen once {time.time()}"
     n = engine.count_tokens(prompt)
     result = engine.generate(prompt, max_tokens=3, temperature=0)
     assert calls == [prompt] and result.prompt_tokens == n
+
+
+TEXTS = ["The cat reads a book", "  leading spaces\tand a tab\n\nnew lines", "ünïcödé — ‘quotes’ 中文 🙂",
+         f"{IM_START}user\nhello{IM_END}\n{IM_START}assistant\n", "", "a" * 500]
+
+
+def test_prompts_get_the_tokenizers_own_ids(engine: TorchEngine) -> None:
+    """The engine encodes with the Rust tokenizer directly (the replica's hot path): the ids are the ones the
+    transformers tokenizer gives, with and without special tokens, including after a call that left the Rust tokenizer
+    truncating (then the engine goes through the transformers tokenizer, which resets it)."""
+    tokenizer = engine._tokenizer
+    assert engine._backend is not None, "the exported tokenizer is a fast one: the direct path must be the one tested"
+    for add in (True, False):
+        for text in TEXTS:
+            assert engine.tokenize(text, add_special_tokens=add) == tokenizer(text, add_special_tokens=add)["input_ids"]
+    tokenizer("one two three four five six", truncation=True, max_length=2)  # leaves the backend truncating
+    assert engine.tokenize(TEXTS[-1]) == tokenizer(TEXTS[-1])["input_ids"] and len(engine.tokenize(TEXTS[-1])) > 2
 
 
 def test_find_stop_picks_earliest() -> None:
