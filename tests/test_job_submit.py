@@ -76,6 +76,11 @@ def laptop(tmp_path_factory: pytest.TempPathFactory) -> dict:
         d.mkdir(parents=True)
     _copy_tree(tree)
     (home / ".ray" / "auth_token").write_text(secrets.token_hex(16) + "\n")  # what `make demo` leaves
+    # And what `make install` leaves: DeepSpeed's CPU op, compiled once (raytrain.train.dsops), which the block's
+    # training stages load instead of compiling it again under this fresh HOME.
+    built = Path.home() / ".cache" / "torch_extensions"
+    if built.is_dir():
+        shutil.copytree(built, home / ".cache" / "torch_extensions", symlinks=True)
     lines = [f"agent_retry {line}" if line.startswith("ray job submit") else line for line in readme_laptop_block()]
     script = f"""
 set -eo pipefail
