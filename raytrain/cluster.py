@@ -38,8 +38,8 @@ _INGRESS_SET_HERE = "RAYTRAIN_SERVE_INGRESS"
 # the replica's main event loop, where Serve's HTTP server delivers the requests, instead of a second loop in
 # another thread that every request and every streamed chunk would cross. The app is async throughout and the
 # engine computes in a thread of its own, so nothing blocks that loop. At 16 concurrent streams on 2 CPUs it took one
-# 3-round run from 0.77 to 0.85 of the in-process engine's throughput; later runs of the same code gave medians of
-# 0.77-0.78 (README, performance).
+# 3-round run from 0.77 to 0.85 of the in-process engine's throughput; later runs gave medians of the paired rounds
+# of 0.77-0.85, the spread of this machine (README, performance).
 SERVE_APP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
